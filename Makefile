@@ -1,0 +1,24 @@
+PYTHON ?= python
+
+.PHONY: install train test test-fast clean
+
+# The one set-up command: the package with pinned dependencies, plus Fashion-MNIST where apt can install it.
+install:
+	$(PYTHON) -m pip install -e ".[dev]"
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		[ -d /usr/share/datasets/fashion-mnist ] || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
+	else \
+		echo "Not root or no apt: see README 'Fashion-MNIST without apt' for the idx files and paths.fashion_mnist_dir"; \
+	fi
+
+train:
+	$(PYTHON) train.py
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf logs .pytest_cache

@@ -1,0 +1,61 @@
+"""Build everything from a composed config, train, evaluate, summarise."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from psdclip.module import PSDCLIPModule
+from psdclip.summary import SUMMARY_FILE, format_table
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate each named entry of a callbacks/logger group (entries without ``_target_`` are skipped)."""
+    return [instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    clip = instantiate(cfg.model)
+    module = PSDCLIPModule(clip, instantiate(cfg.loss), **cfg.optim)
+    datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        write_summary(cfg, trainer, metrics, time.perf_counter() - started)
+    return metrics
+
+
+def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:
+    zeroshot = {name.split("/")[1]: value for name, value in metrics.items() if name.endswith("/zeroshot_top1")}
+    summary = {
+        "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
+        "alpha_max": cfg.loss.alpha_max,
+        "teacher": cfg.loss.teacher,
+        "noise": cfg.data.get("noise"),
+        "zeroshot_top1": next(iter(zeroshot.values()), None),
+        "wall_time_s": round(wall_time, 1),
+        "steps": trainer.global_step,
+        "metrics": metrics,
+        "output_dir": str(Path(trainer.default_root_dir)),
+    }
+    checkpoint = trainer.checkpoint_callback
+    folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    print(f"\n{format_table([summary])}\nsummary: {folder / SUMMARY_FILE}")
+    return summary
