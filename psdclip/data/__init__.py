@@ -1,0 +1,4 @@
+from psdclip.data.datamodule import ShardDataModule
+from psdclip.data.embedded import EmbeddedDataModule
+
+__all__ = ["ShardDataModule", "EmbeddedDataModule"]
