@@ -101,7 +101,7 @@ def shard_samples(url: str, skip: int, take: int, report: Callable) -> Iterator[
             kind = "shard_unreadable" if position == 0 and sample is None else "shard_truncated"
             kind = "shard_missing" if isinstance(exn, FileNotFoundError) else kind
             report(kind, url, f"{exn!r} after {position} samples")
-        return
+    # the last sample, or the one being read when the shard broke off (decoding tells whether it is whole)
     if sample is not None and skip <= position < skip + take:
         yield sample
 
