@@ -47,7 +47,7 @@ def table_pairs(table: Path, image_column: str, caption_column: str) -> Iterator
         try:
             import pandas as pd
 
-            rows = pd.read_parquet(table, columns=[image_column, caption_column]).to_dict("records")
+            rows = pd.read_parquet(table).to_dict("records")
         except ImportError as exn:
             raise SystemExit(f"reading {table} needs pandas and pyarrow: pip install pandas pyarrow ({exn})")
     else:

@@ -28,20 +28,21 @@ class DataQualityMonitor(L.Callback):
             return None
         return trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
 
-    def log_totals(self, trainer: L.Trainer, pl_module: L.LightningModule, totals: torch.Tensor) -> None:
+    @staticmethod
+    def log_totals(pl_module: L.LightningModule, totals: torch.Tensor, at_epoch_end: bool = False) -> None:
         for name, value in zip(COUNTERS, totals.tolist()):
             metric = "data/refilled" if name == "refilled" else f"data/skipped/{name}"
-            pl_module.log(metric, float(value), on_step=True, on_epoch=False)
+            pl_module.log(metric, float(value), on_step=not at_epoch_end, on_epoch=at_epoch_end, reduce_fx="max")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0 and (totals := self.totals(trainer)) is not None:
-            self.log_totals(trainer, pl_module, totals)
+            self.log_totals(pl_module, totals)
 
     def on_train_epoch_end(self, trainer, pl_module):
         totals = self.totals(trainer)
         if totals is None:
             return
-        self.log_totals(trainer, pl_module, totals)
+        self.log_totals(pl_module, totals, at_epoch_end=True)
         epoch = totals - self.at_epoch_start
         self.at_epoch_start = totals
         if trainer.is_global_zero and epoch.sum() > 0:
