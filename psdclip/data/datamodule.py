@@ -62,9 +62,8 @@ class ShardDataModule(L.LightningDataModule):
 
     @cached_property
     def shards(self) -> list[Shard]:
-        """Every present shard with its size; missing local shards are warned about and counted once."""
-        shards, missing = resolve(self.sources)
-        self.skipped[COUNTERS.index("shard_missing")] += len(missing)
+        """Every present shard with its size; missing local shards are warned about (and counted by ``stream``)."""
+        shards, self.missing_shards = resolve(self.sources)
         return shards
 
     def num_samples(self) -> int:
@@ -86,6 +85,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.transform is None or self.tokenizer is None:
             raise RuntimeError("ShardDataModule needs the model's transform and tokenizer before streaming")
         self.batches_per_epoch(world_size)  # clear error before any worker starts
+        # shards missing at start-up count once over all ranks (the monitor sums ranks); later ones add to this
+        self.skipped[COUNTERS.index("shard_missing")] = len(self.missing_shards) if rank == 0 else 0
         return ShardStream(
             self.shards, self.transform, self.tokenizer, self.batch_size, self.num_samples(),
             upsample=[source.upsample for source in self.sources], rank=rank, world_size=world_size,
