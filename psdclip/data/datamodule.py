@@ -84,11 +84,12 @@ class ShardDataModule(L.LightningDataModule):
         """The training stream of one rank (what ``train_dataloader`` wraps; handy in tests and benchmarks)."""
         if self.transform is None or self.tokenizer is None:
             raise RuntimeError("ShardDataModule needs the model's transform and tokenizer before streaming")
-        self.batches_per_epoch(world_size)  # clear error before any worker starts
+        self.batches_per_epoch(world_size)  # clear errors before any worker starts
+        shards = self.shards
         # shards missing at start-up count once over all ranks (the monitor sums ranks); later ones add to this
         self.skipped[COUNTERS.index("shard_missing")] = len(self.missing_shards) if rank == 0 else 0
         return ShardStream(
-            self.shards, self.transform, self.tokenizer, self.batch_size, self.num_samples(),
+            shards, self.transform, self.tokenizer, self.batch_size, self.num_samples(),
             upsample=[source.upsample for source in self.sources], rank=rank, world_size=world_size,
             seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
             image_key=self.image_key, text_key=self.text_key,
