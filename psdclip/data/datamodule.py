@@ -61,7 +61,7 @@ class ShardDataModule(L.LightningDataModule):
         return sources
 
     @cached_property
-    def shards(self) -> list[Shard]:
+    def resolved_shards(self) -> list[Shard]:
         """Every present shard with its size; missing local shards are warned about (and counted by ``stream``)."""
         shards, self.missing_shards = resolve(self.sources)
         return shards
@@ -70,7 +70,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_num_samples:
             return self.train_num_samples
         upsample = [source.upsample for source in self.sources]
-        return round(sum(shard.size * upsample[shard.source] for shard in self.shards))
+        return round(sum(shard.size * upsample[shard.source] for shard in self.resolved_shards))
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
@@ -85,7 +85,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.transform is None or self.tokenizer is None:
             raise RuntimeError("ShardDataModule needs the model's transform and tokenizer before streaming")
         self.batches_per_epoch(world_size)  # clear errors before any worker starts
-        shards = self.shards
+        shards = self.resolved_shards
         # shards missing at start-up count once over all ranks (the monitor sums ranks); later ones add to this
         self.skipped[COUNTERS.index("shard_missing")] = len(self.missing_shards) if rank == 0 else 0
         return ShardStream(
