@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from helpers.shard_sets import jpeg, write_bad_set
+from tests.helpers.shard_sets import jpeg, write_bad_set
 from psdclip.data.make_shards import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -100,7 +100,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return EpochLoader(
             self.stream(rank, world_size),
-            current_epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+            current_epoch=(lambda: trainer.current_epoch) if trainer else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -146,13 +146,18 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that tells the stream which epoch begins (``current_epoch()``), so shard order and sample shuffle
-    follow seed + epoch also after resuming from a checkpoint and with persistent workers."""
+    """DataLoader that tells the stream which epoch begins (``current_epoch()``, the trainer's), so shard order and
+    sample shuffle follow seed + epoch also after resuming from a checkpoint and with persistent workers. Without
+    ``current_epoch`` each new iteration is the next epoch."""
 
-    def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int], **kwargs):
+    def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int] | None = None, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.current_epoch = current_epoch
+        self.current_epoch, self.iterations = current_epoch, 0
 
     def __iter__(self):
-        self.dataset.epoch.value = self.current_epoch()
+        if self.current_epoch is not None:
+            self.dataset.epoch.value = self.current_epoch()
+        elif self.iterations:
+            self.dataset.epoch.value += 1
+        self.iterations += 1
         return super().__iter__()

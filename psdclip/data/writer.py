@@ -35,15 +35,21 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "",
             tmp_path.rename(out_dir / name)
             sizes[name] = count
 
-    for sample in samples:
-        if sink is None or count == shard_size:
-            if sink is not None:
-                close()
-                shard += 1
-            tmp_path = out_dir / f".{prefix}{shard:06d}.tar.tmp"
-            sink, count = wds.TarWriter(str(tmp_path)), 0
-        sink.write(sample)
-        count += 1
+    try:
+        for sample in samples:
+            if sink is None or count == shard_size:
+                if sink is not None:
+                    close()
+                    shard += 1
+                tmp_path = out_dir / f".{prefix}{shard:06d}.tar.tmp"
+                sink, count = wds.TarWriter(str(tmp_path)), 0
+            sink.write(sample)
+            count += 1
+    except BaseException:
+        if sink is not None:
+            sink.close()
+            tmp_path.unlink(missing_ok=True)
+        raise
     close()
     sizes_path = out_dir / SIZES_FILE
     merged = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}

@@ -1,0 +1,88 @@
+import json
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from psdclip.data.embedded import CLASSNAMES, EmbeddedDataModule, FashionMNISTShards
+from psdclip.models import create_clip
+
+
+def read_samples(pattern):
+    return list(wds.DataPipeline(wds.SimpleShardList(pattern), wds.tarfile_to_samples(), wds.decode("pil")))
+
+
+def test_train_shards_carry_the_requested_caption_noise(fashion_mnist_dir, tmp_path):
+    shards = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.3, shard_size=100)
+    shards.ensure()
+    samples = read_samples(shards.pattern)
+    assert len(samples) == 320 and shards.num_shards == 4
+    assert json.loads((shards.directory / "sizes.json").read_text()) == {
+        "train-000000.tar": 100, "train-000001.tar": 100, "train-000002.tar": 100, "train-000003.tar": 20}
+    meta = [sample["json"] for sample in samples]
+    corrupted = np.array([m["corrupted"] for m in meta])
+    assert abs(corrupted.mean() - 0.3) < 0.08
+    for sample, m in zip(samples, meta):
+        assert (m["caption_label"] != m["label"]) == m["corrupted"]
+        assert CLASSNAMES[m["caption_label"]] in sample["txt"]
+        assert int(sample["cls"]) == m["label"] and sample["png"].size == (28, 28)
+
+
+def test_test_split_is_clean_with_several_captions(fashion_mnist_dir, tmp_path):
+    shards = FashionMNISTShards("test", str(fashion_mnist_dir), str(tmp_path), noise=0.5)
+    shards.ensure()
+    samples = read_samples(shards.pattern)
+    assert len(samples) == 100
+    for sample in samples:
+        m = sample["json"]
+        assert not m["corrupted"] and len(set(m["captions"])) == 5
+        assert all(CLASSNAMES[m["label"]] in caption for caption in m["captions"])
+
+
+def test_shards_are_rebuilt_only_when_settings_change(fashion_mnist_dir, tmp_path):
+    first = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.3, shard_size=100)
+    first.ensure()
+    stamp = (first.directory / "manifest.json").stat().st_mtime_ns
+    same = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.3, shard_size=100)
+    assert same.ensure() == first.directory
+    assert (first.directory / "manifest.json").stat().st_mtime_ns == stamp
+    other = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.1, shard_size=100)
+    assert other.directory != first.directory
+
+
+def test_noise_outside_unit_interval_is_refused(fashion_mnist_dir, tmp_path):
+    with pytest.raises(ValueError, match="data.noise must be a fraction in \\[0, 1\\], got -0.1"):
+        FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=-0.1)
+
+
+def test_missing_idx_files_explain_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*paths.fashion_mnist_dir"):
+        EmbeddedDataModule(source_dir=str(tmp_path), cache_dir=str(tmp_path))
+
+
+def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir, tmp_path):
+    clip = create_clip("psdclip-vit-tiny")
+    data = EmbeddedDataModule(str(fashion_mnist_dir), str(tmp_path), shard_size=100, batch_size=32, num_workers=0,
+                              transform=clip.train_transform, tokenizer=clip.tokenizer)
+    data.prepare_data()
+    assert data.batches_per_epoch() == 10
+    loader = data.train_dataloader()
+    batches = list(loader)
+    assert len(loader) == len(batches) == 10
+    images, tokens, skipped = batches[0]  # the DataModule takes the skip counts off before the model sees the batch
+    assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
+    assert skipped.sum() == 0
+    # the next epoch streams the samples in a different order
+    assert not torch.equal(next(iter(loader))[1], tokens)
+
+
+def test_interrupted_writes_leave_no_shard(tmp_path):
+    from psdclip.data.writer import write_shards
+
+    def samples():
+        yield {"__key__": "a", "txt": "x"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(samples(), tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())

@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from psdclip.loss import PSDLoss, direction_loss
+
+
+def features(n=8, dim=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
+    text = F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
+    return image, text
+
+
+def logits_of(image, text, scale=10.0):
+    per_image = scale * image @ text.T
+    return per_image, per_image.T
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_alpha_zero_equals_open_clip(n):
+    image, text = features(n)
+    scale = torch.tensor(14.3)
+    expected = ClipLoss()(image, text, scale)
+    per_image, per_text = logits_of(image, text, scale)
+    out = PSDLoss(alpha_max=0.0)(per_image, per_text, torch.arange(n), alpha=0.0, step=3)
+    assert torch.allclose(out["loss"], expected, atol=1e-6)
+    assert out["distill_count"] == 0 and "loss_soft" not in out
+
+
+def test_clip_config_equals_open_clip_at_any_step():
+    image, text = features(32)
+    loss = PSDLoss(alpha_max=0.0, schedule="constant")
+    per_image, per_text = logits_of(image, text)
+    for step in (0, 50, 99):
+        out = loss(per_image, per_text, torch.arange(32), loss.schedule(step, 100), step)
+        assert torch.allclose(out["loss"], ClipLoss()(image, text, torch.tensor(10.0)), atol=1e-6)
+
+
+def reference_psd(per_image, teacher, distilled, scope, tau, mix):
+    """Hand computation of the PSD loss, one row and one column at a time."""
+    n = per_image.shape[0]
+    members = [i for i in range(n) if distilled[i]]
+
+    def target(row_teacher, own):
+        y = torch.zeros(n, dtype=per_image.dtype)
+        if own not in members:
+            y[own] = 1.0
+            return y
+        allowed = members if scope == "subset" else list(range(n))
+        q = torch.softmax(row_teacher[allowed] / tau, dim=0)
+        y[allowed] = mix * q
+        y[own] += 1 - mix
+        return y
+
+    image_rows = [-(target(teacher[i], i) * torch.log_softmax(per_image[i], 0)).sum() for i in range(n)]
+    text_cols = [-(target(teacher[:, j], j) * torch.log_softmax(per_image[:, j], 0)).sum() for j in range(n)]
+    return 0.5 * (torch.stack(image_rows).mean() + torch.stack(text_cols).mean())
+
+
+@pytest.mark.parametrize(
+    "scope,tau,mix,teacher",
+    [("subset", 1.0, 1.0, "self"), ("subset", 0.5, 0.7, "self"), ("batch", 0.5, 1.0, "self"), ("batch", 1.0, 0.6, "ema")],
+)
+def test_matches_hand_computation(scope, tau, mix, teacher):
+    n, alpha, step = 10, 0.45, 7
+    image, text = features(n, dtype=torch.float64)
+    per_image, per_text = logits_of(image, text)
+    loss = PSDLoss(alpha_max=0.9, teacher=teacher, scope=scope, tau_teacher=tau, mix=mix, seed=3)
+    teacher_logits = None
+    teacher_per_image = per_image
+    if teacher == "ema":
+        t_image, t_text = features(n, seed=5, dtype=torch.float64)
+        teacher_per_image = 12.0 * t_image @ t_text.T
+        teacher_logits = (teacher_per_image, teacher_per_image.T)
+    out = loss(per_image, per_text, torch.arange(n), alpha, step, teacher_logits)
+    distilled = loss.distill_mask(n, alpha, step)
+    assert out["distill_count"] == math.floor(alpha * n) == 4
+    expected = reference_psd(per_image, teacher_per_image, distilled, scope, tau, mix)
+    assert torch.allclose(out["loss"], expected, atol=1e-10)
+
+
+def test_hard_and_soft_parts_partition_the_loss():
+    n = 20
+    image, text = features(n)
+    per_image, per_text = logits_of(image, text)
+    loss = PSDLoss(alpha_max=0.5)
+    out = loss(per_image, per_text, torch.arange(n), 0.5, 0)
+    k = int(out["distill_count"])
+    assert k == 10
+    assert torch.allclose(out["loss"], (k * out["loss_soft"] + (n - k) * out["loss_hard"]) / n, atol=1e-6)
+    assert 0 < out["soft_target_diagonal"] < 1
+    assert 0 < out["soft_target_entropy"] <= math.log(k) + 1e-6
+
+
+def test_soft_target_statistics_on_a_perfect_teacher():
+    """A teacher sure of every given pair puts all its mass on the diagonal, with zero entropy."""
+    n = 12
+    per_image = torch.eye(n) * 50.0
+    out = PSDLoss(alpha_max=0.9)(per_image, per_image.T, torch.arange(n), 0.5, 0)
+    assert torch.isclose(out["soft_target_diagonal"], torch.tensor(1.0))
+    assert out["soft_target_entropy"] < 1e-6
+
+
+def test_subset_scope_puts_no_mass_outside_the_subset():
+    n = 9
+    image, text = features(n)
+    per_image, _ = logits_of(image, text)
+    distill = torch.zeros(n, dtype=torch.bool)
+    distill[[1, 4, 6]] = True
+    result = direction_loss(per_image, per_image, torch.arange(n), distill, scope="subset")
+    assert result.distilled.tolist() == distill.tolist()
+    # Recompute the soft targets of the three rows: over columns {1, 4, 6} only.
+    q = torch.softmax(per_image[[1, 4, 6]][:, [1, 4, 6]], dim=1)
+    assert torch.allclose(result.diagonal, q.diagonal(), atol=1e-6)
+
+
+def test_local_rows_give_the_same_loss_as_the_whole_batch():
+    """Rows split across two 'ranks' (local loss) add up to the single-process loss."""
+    n = 16
+    image, text = features(n)
+    per_image, per_text = logits_of(image, text)
+    loss = PSDLoss(alpha_max=0.9)
+    whole = loss(per_image, per_text, torch.arange(n), 0.5, 11)["loss"]
+    halves = [loss(per_image[r], per_text[r], torch.arange(n)[r], 0.5, 11)["loss"] for r in (slice(0, 8), slice(8, 16))]
+    assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope,tau,mix", [("subset", 1.0, 1.0), ("batch", 0.5, 1.0), ("subset", 0.7, 0.8)])
+def test_gradcheck(scope, tau, mix):
+    """Analytic gradients against finite differences, with the teacher's logits held fixed (targets are constants;
+    the self teacher is the same call with the student's detached logits, see the next test)."""
+    n, dim = 6, 4
+    image, text = features(n, dim, dtype=torch.float64)
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    loss = PSDLoss(alpha_max=0.9, scope=scope, tau_teacher=tau, teacher="ema", mix=mix)
+    t_image, t_text = features(n, dim, seed=9, dtype=torch.float64)
+    teacher_logits = (8 * t_image @ t_text.T, 8 * t_text @ t_image.T)
+
+    def fn(image, text, scale):
+        per_image = scale * image @ text.T
+        return loss(per_image, per_image.T, torch.arange(n), 0.5, 2, teacher_logits)["loss"]
+
+    assert torch.autograd.gradcheck(fn, (image, text, scale))
+
+
+def test_self_teacher_is_detached():
+    """With the self teacher, soft targets are constants: the gradient equals CE against fixed targets."""
+    n = 6
+    image, text = features(n, dtype=torch.float64)
+    logits = (5 * image @ text.T).requires_grad_(True)
+    loss = PSDLoss(alpha_max=0.9, seed=1)
+    loss(logits, logits.T, torch.arange(n), 0.5, 0)["loss"].backward()
+    frozen = logits.detach().clone().requires_grad_(True)
+    loss(frozen, frozen.T, torch.arange(n), 0.5, 0, teacher_logits=(logits.detach(), logits.detach().T))["loss"].backward()
+    assert torch.allclose(logits.grad, frozen.grad)
+
+
+def test_distill_mask_is_reproducible_and_varies_by_step():
+    loss = PSDLoss(alpha_max=0.5, seed=4)
+    first, again, later = loss.distill_mask(100, 0.37, 5), loss.distill_mask(100, 0.37, 5), loss.distill_mask(100, 0.37, 6)
+    assert first.sum() == 37 and torch.equal(first, again) and not torch.equal(first, later)
+    assert not torch.equal(first, PSDLoss(alpha_max=0.5, seed=5).distill_mask(100, 0.37, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(alpha_max=1.0), "alpha_max must be in \\[0, 1\\)"),
+        (dict(alpha_max=-0.1), "alpha_max must be in \\[0, 1\\)"),
+        (dict(teacher="self", scope="batch", tau_teacher=1.0), "no learning signal"),
+        (dict(teacher="oracle"), "unknown teacher"),
+        (dict(scope="everything"), "unknown scope"),
+        (dict(tau_teacher=0.0), "tau_teacher must be > 0"),
+        (dict(mix=1.5), "mix must be in"),
+        (dict(schedule="step"), "unknown alpha schedule"),
+    ],
+)
+def test_refused_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PSDLoss(**kwargs)
+
+
+def test_self_teacher_sharpening_over_the_batch_is_allowed():
+    PSDLoss(teacher="self", scope="batch", tau_teacher=0.5)
+    PSDLoss(teacher="ema", scope="batch", tau_teacher=1.0)

@@ -1,0 +1,70 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from psdclip.loss import PSDLoss
+from psdclip.models import create_clip
+from psdclip.module import MAX_LOGIT_SCALE, PSDCLIPModule, warmup_cosine
+
+
+def tiny_batches(clip, count=4, size=8):
+    g = torch.Generator().manual_seed(0)
+    tokens = clip.tokenizer([f"a photo of item {i}." for i in range(size)])
+    return [(torch.randn(size, 3, 28, 28, generator=g), tokens) for _ in range(count)]
+
+
+def fit(module, batches, **trainer_kwargs):
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_no_weight_decay_on_gains_biases_norms_scalars_and_logit_scale():
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss())
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in undecayed and "visual.class_embedding" in undecayed
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(n.endswith("ln_final.weight") for n in undecayed) and any(n.endswith(".bias") for n in undecayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_logit_scale_is_clamped_after_each_step():
+    clip = create_clip("psdclip-vit-tiny")
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(math.log(150.0))
+    module = PSDCLIPModule(clip, PSDLoss(alpha_max=0.0, schedule="constant"), lr=1e-6)
+    fit(module, tiny_batches(clip, count=1))
+    assert module.model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_ema_teacher_follows_the_student_and_is_checkpointed(tmp_path):
+    clip = create_clip("psdclip-vit-tiny")
+    module = PSDCLIPModule(clip, PSDLoss(teacher="ema", ema_decay=0.5), lr=1e-2, warmup_steps=1)
+    start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = fit(module, tiny_batches(clip, count=3))
+    name = "visual.conv1.weight"
+    student = dict(module.model.named_parameters())[name]
+    teacher = dict(module.teacher.average.module.named_parameters())[name]
+    assert not teacher.requires_grad
+    assert not torch.equal(teacher, start[name]) and not torch.equal(teacher, student)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(state[f"teacher.average.module.{name}"], teacher)
+    assert int(state["teacher.average.n_averaged"]) == 3

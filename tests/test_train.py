@@ -1,0 +1,101 @@
+"""Tiny end-to-end trainings from composed configs, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from psdclip.training import train
+from tests.conftest import compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def logged(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "csv" / "metrics.csv")
+
+
+@pytest.mark.slow
+def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, tmp_path):
+    metrics = train(train_cfg())
+    assert 0.0 <= metrics["eval/fashion_mnist/zeroshot_top1"] <= 1.0
+    run = tmp_path / "run"
+    summary = json.loads((run / "checkpoints" / "summary.json").read_text())
+    assert summary["method"] == "psd" and summary["alpha_max"] == 0.5 and summary["noise"] == 0.3
+    assert summary["steps"] == 10 and summary["zeroshot_top1"] == metrics["eval/fashion_mnist/zeroshot_top1"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    log = logged(run)
+    for key in ["train/loss", "train/loss_hard", "train/loss_soft", "train/alpha", "train/distill_count",
+                "train/soft_target_entropy", "train/soft_target_diagonal", "train/logit_scale",
+                "lr-AdamW/pg1", "train/device/samples_per_sec", "eval/fashion_mnist/zeroshot_top1",
+                "eval/fashion_mnist/zeroshot_top5"]:
+        assert log[key].notna().any(), key
+    alpha = log["train/alpha"].dropna().tolist()
+    assert alpha[0] == 0.0 and alpha[-1] == pytest.approx(0.5) and alpha == sorted(alpha)
+    counts = log["train/distill_count"].dropna().tolist()
+    assert counts == [int(a * 32) for a in alpha]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,method", [(["loss=clip"], "clip"), (["loss.teacher=ema"], "psd")])
+def test_clip_and_ema_teacher_variants_train(train_cfg, tmp_path, overrides, method):
+    metrics = train(train_cfg("trainer.max_steps=3", *overrides))
+    assert "eval/fashion_mnist/zeroshot_top1" in metrics
+    assert json.loads((tmp_path / "run" / "checkpoints" / "summary.json").read_text())["method"] == method
+
+
+@pytest.mark.slow
+def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
+    command = [
+        sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25",
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}", "data.batch_size=32", "data.num_workers=0", "data.shard_size=100",
+        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.zeroshot.batch_size=50",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("[0-9]*/checkpoints/summary.json"))]
+    assert [(r["method"], r["alpha_max"]) for r in runs] == [("clip", 0.0), ("psd", 0.25)]
+    assert json.loads((sweep / "summary.json").read_text()) == runs
+    table = result.stdout[result.stdout.index("Multirun summary"):]
+    assert "clip" in table and "psd" in table and "zeroshot_top1" in table
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["loss.alpha_max=1.0"], "alpha_max must be in \\[0, 1\\)"),
+        (["loss.scope=batch"], "no learning signal"),
+        (["data.noise=-0.2"], "data.noise must be a fraction"),
+    ],
+)
+def test_refused_configs_fail_with_clear_messages(train_cfg, overrides, message):
+    cfg = train_cfg(*overrides)
+    group = "loss" if overrides[0].startswith("loss") else "data"
+    with pytest.raises(InstantiationException, match=message):
+        instantiate(cfg[group])
+
+
+def test_unknown_model_name_fails_with_clear_message(train_cfg):
+    with pytest.raises(InstantiationException, match="unknown model 'ViT-Nope'"):
+        instantiate(train_cfg("model.name=ViT-Nope").model)
+
+
+@pytest.mark.parametrize("group,options", [
+    ("model", ["vit_tiny", "vit_b32", "vit_b16", "rn50"]),
+    ("trainer", ["cpu", "gpu", "ddp_8gpu"]),
+    ("logger", ["csv", "wandb", "tensorboard"]),
+    ("loss", ["psd", "clip"]),
+    ("data", ["embedded", "cc12m"]),
+])
+def test_every_config_option_composes(group, options):
+    for option in options:
+        node = compose_train([f"{group}={option}"])[group]
+        targets = [node._target_] if "_target_" in node else [entry._target_ for entry in node.values()]
+        assert targets and all(targets), (group, option)
