@@ -69,8 +69,9 @@ def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir,
     loader = data.train_dataloader()
     batches = list(loader)
     assert len(loader) == len(batches) == 10
-    images, tokens = batches[0]
+    images, tokens, skipped = batches[0]  # the DataModule takes the skip counts off before the model sees the batch
     assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
+    assert skipped.sum() == 0
     # the next epoch streams the samples in a different order
     assert not torch.equal(next(iter(loader))[1], tokens)
 

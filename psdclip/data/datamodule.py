@@ -1,32 +1,40 @@
 """LightningDataModule streaming image–caption webdataset shards."""
 
-import math
 from collections.abc import Callable
+from functools import cached_property
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from psdclip.data.pipeline import count_samples, expand_shards, image_text_pipeline
+from psdclip.data.pipeline import EpochLoader, ShardStream
+from psdclip.data.samples import COUNTERS
+from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training stream over image–caption tar shards (img2dataset layout: ``{key}.jpg``, ``{key}.txt``).
+    """Training stream over image–caption tar shards in img2dataset's layout (``{key}.jpg``, ``{key}.txt``, ``{key}.json``).
 
     Args:
-        train_shards: brace pattern(s) of the training shards.
-        train_num_samples: samples per epoch; read from ``sizes.json`` beside local shards when omitted.
-        batch_size: per-device batch size; every rank gets the same number of full batches per epoch.
+        train_shards: a brace pattern, folder, glob or URL (``pipe:…``, ``https://…``, ``s3://…``), a list of them,
+            or a mixture ``{name: {urls, upsample, num_samples}}``.
+        train_num_samples: samples per epoch; by default all the shards hold (× upsample), read from their size files.
+        batch_size: per-device batch size; every rank gets ``batches_per_epoch(world_size)`` full batches per epoch.
+        resampled: draw shards with replacement (epochs become ``train_num_samples`` draws; needed for fractional
+            upsample factors).
+        image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
+
+    Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
     """
 
     def __init__(
         self,
-        train_shards: str | list[str],
+        train_shards,
         train_num_samples: int | None = None,
         batch_size: int = 256,
         num_workers: int = 2,
         shuffle_buffer: int = 2000,
+        resampled: bool = False,
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         seed: int = 0,
@@ -34,56 +42,74 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
     ):
         super().__init__()
-        self.train_shards, self.train_num_samples = train_shards, train_num_samples
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
         self.transform, self.tokenizer = transform, tokenizer
+        self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
+
+    @cached_property
+    def sources(self) -> list[ShardSource]:
+        sources = parse_sources(self.train_shards)
+        if len(sources) == 1 and sources[0].num_samples is None and self.train_num_samples:
+            # a single source's epoch size doubles as its size where no size file lists the shards
+            sources = [ShardSource(sources[0].urls, sources[0].upsample, self.train_num_samples, sources[0].name)]
+        if not any(source.upsample > 0 for source in sources):
+            raise ValueError("every source has upsample 0; nothing to train on")
+        return sources
+
+    @cached_property
+    def resolved_shards(self) -> list[Shard]:
+        """Every present shard with its size; missing local shards are warned about (and counted by ``stream``)."""
+        shards, self.missing_shards = resolve(self.sources)
+        return shards
 
     def num_samples(self) -> int:
-        shards = expand_shards(self.train_shards)
-        count = self.train_num_samples or count_samples(shards)
-        if not count:
-            raise ValueError(
-                f"cannot tell the epoch size of {self.train_shards!r}: no sizes.json lists these shards; "
-                "set data.train_num_samples"
-            )
-        return count
+        if self.train_num_samples:
+            return self.train_num_samples
+        upsample = [source.upsample for source in self.sources]
+        return round(sum(shard.size * upsample[shard.source] for shard in self.resolved_shards))
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
-        """Full batches each rank yields per epoch, a multiple of the worker count so workers share it evenly."""
-        workers = max(self.num_workers, 1)
-        per_rank = self.num_samples() // (self.batch_size * world_size)
-        if per_rank < workers:
-            raise ValueError(
-                f"{self.num_samples()} samples give {per_rank} batches of {self.batch_size} per rank on "
-                f"{world_size} rank(s), fewer than the {workers} data workers"
-            )
-        return per_rank // workers * workers
+        """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
+        batches = self.num_samples() // (self.batch_size * world_size)
+        if batches < 1:
+            raise ValueError(f"an epoch of {self.num_samples()} samples gives no full batch of {self.batch_size} "
+                             f"on each of {world_size} rank(s); lower data.batch_size")
+        return batches
 
-    def train_dataloader(self) -> DataLoader:
+    def stream(self, rank: int = 0, world_size: int = 1, epoch: int = 0) -> ShardStream:
+        """The training stream of one rank (what ``train_dataloader`` wraps; handy in tests and benchmarks)."""
         if self.transform is None or self.tokenizer is None:
             raise RuntimeError("ShardDataModule needs the model's transform and tokenizer before streaming")
-        trainer = self.trainer
-        world_size = trainer.world_size if trainer else 1
-        batches = self.batches_per_epoch(world_size)
-        pipeline = image_text_pipeline(
-            expand_shards(self.train_shards),
-            self.transform,
-            self.tokenizer,
-            self.batch_size,
-            image_key=self.image_key,
-            text_key=self.text_key,
-            shuffle=True,
-            seed=self.seed,
-            start_epoch=trainer.current_epoch if trainer else 0,
-            shuffle_buffer=self.shuffle_buffer,
-            drop_last=True,
+        self.batches_per_epoch(world_size)  # clear errors before any worker starts
+        shards = self.resolved_shards
+        # shards missing at start-up count once over all ranks (the monitor sums ranks); later ones add to this
+        self.skipped[COUNTERS.index("shard_missing")] = len(self.missing_shards) if rank == 0 else 0
+        return ShardStream(
+            shards, self.transform, self.tokenizer, self.batch_size, self.num_samples(),
+            upsample=[source.upsample for source in self.sources], rank=rank, world_size=world_size,
+            seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
+            image_key=self.image_key, text_key=self.text_key,
         )
-        pipeline = pipeline.with_epoch(math.ceil(batches / max(self.num_workers, 1))).with_length(batches)
-        return DataLoader(
-            pipeline,
-            batch_size=None,
+
+    def train_dataloader(self) -> EpochLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return EpochLoader(
+            self.stream(rank, world_size),
+            current_epoch=(lambda: trainer.current_epoch) if trainer else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Keep the skip counts the batch carries; the model gets (images, tokens)."""
+        if len(batch) == 3:
+            images, tokens, skipped = batch
+            self.skipped += skipped
+            return images, tokens
+        return batch

@@ -1,86 +1,163 @@
-"""webdataset stages that turn tar shards of image–caption pairs into batches of (image tensor, tokens)."""
+"""The training stream: shards → samples → (image tensor, tokens, skip counts) batches, planned per rank and worker.
 
-import json
-import logging
-from collections.abc import Callable
-from pathlib import Path
+Each DataLoader worker reads its own stretch of the epoch (see ``plan``), shuffles samples through a buffer, decodes,
+preprocesses and tokenises them, and yields batches that carry the counts of what it skipped since its last batch,
+so counting needs no state shared between processes.
+"""
 
+import itertools
+import multiprocessing
+from collections.abc import Callable, Iterator
+
+import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from psdclip.data.writer import SIZES_FILE
+from psdclip.data import plan
+from psdclip.data.samples import BadSample, SkipCounter, caption_of, ignore, image_keys, image_of, read_segments, shard_samples
+from psdclip.data.sources import Shard
 
-log = logging.getLogger(__name__)
-
-
-def expand_shards(urls: str | list[str]) -> list[str]:
-    """Brace-expand one pattern or a list of patterns; local shards must exist."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    shards = [shard for pattern in patterns for shard in wds.shardlists.expand_urls(str(pattern))]
-    if not shards:
-        raise ValueError(f"shard pattern {urls!r} names no shards")
-    missing = [shard for shard in shards if _is_local(shard) and not Path(shard).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[0]} (from {urls!r})")
-    return shards
+# a stream that skips this many samples in a row is not web noise but wrong settings or unreadable data
+MAX_CONSECUTIVE_SKIPS = 10_000
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+class ShardStream(IterableDataset):
+    """Batches of one rank for one epoch; ``len()`` is the number of batches, the same on every rank.
 
-
-def count_samples(shards: list[str]) -> int | None:
-    """Total samples from the ``sizes.json`` next to local shards, or None when any shard is not listed."""
-    total, cache = 0, {}
-    for shard in shards:
-        if not _is_local(shard):
-            return None
-        path = Path(shard)
-        sizes_path = path.parent / SIZES_FILE
-        if sizes_path not in cache:
-            cache[sizes_path] = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
-        if path.name not in cache[sizes_path]:
-            return None
-        total += cache[sizes_path][path.name]
-    return total
-
-
-def warn_and_continue(exn: Exception) -> bool:
-    log.warning("skipping bad sample or shard: %r", exn)
-    return True
-
-
-def make_caption_tokenizer(tokenizer: Callable) -> Callable:
-    return lambda caption: tokenizer([caption])[0]
-
-
-def image_text_pipeline(
-    shards: list[str],
-    transform: Callable,
-    tokenizer: Callable,
-    batch_size: int,
-    *,
-    image_key: str = "jpg;jpeg;png;webp",
-    text_key: str = "txt",
-    shuffle: bool = False,
-    seed: int = 0,
-    start_epoch: int = 0,
-    shuffle_buffer: int = 2000,
-    drop_last: bool = False,
-) -> wds.DataPipeline:
-    """Stream (image, tokens) batches; with ``shuffle`` the shard order and sample buffer are seeded by seed + epoch.
-
-    The epoch advances each time the pipeline is iterated, which a persistent DataLoader worker does once per epoch.
+    Args:
+        shards: every shard of every source with its size (``sources.resolve``).
+        upsample: per source, how often its shards are drawn; whole numbers unless ``resampled``.
+        num_samples: samples per epoch (a "virtual" epoch when ``resampled``).
+        rank, world_size: this process's place in data-parallel training.
+        resampled: draw shards with replacement, weighted by size × upsample, instead of reading each once.
+        shuffle: shuffle shard order by (seed, epoch) and samples in a buffer of ``shuffle_buffer``.
     """
-    stages = [wds.SimpleShardList(shards)]
-    if shuffle:
-        stages.append(wds.detshuffle(bufsize=len(shards), initial=len(shards), seed=seed, epoch=start_epoch - 1))
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=warn_and_continue)]
-    if shuffle:
-        stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=shuffle_buffer // 4, seed=seed, epoch=start_epoch - 1))
-    stages += [
-        wds.decode("pilrgb", handler=warn_and_continue),
-        wds.to_tuple(image_key, text_key, handler=warn_and_continue),
-        wds.map_tuple(transform, make_caption_tokenizer(tokenizer), handler=warn_and_continue),
-        wds.batched(batch_size, partial=not drop_last),
-    ]
-    return wds.DataPipeline(*stages)
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        transform: Callable,
+        tokenizer: Callable,
+        batch_size: int,
+        num_samples: int,
+        *,
+        upsample: list[float] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 2000,
+        resampled: bool = False,
+        image_key: str = "jpg;jpeg;png;webp",
+        text_key: str = "txt",
+    ):
+        self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
+        upsample = upsample or [1.0] * (max(shard.source for shard in shards) + 1)
+        self.weights = [shard.size * upsample[shard.source] for shard in shards]
+        self.repeats = [round(upsample[shard.source]) for shard in shards]
+        self.available = sum(size * repeat for size, repeat in zip(self.sizes, self.repeats))
+        if not resampled and any(factor != round(factor) for factor in upsample):
+            raise ValueError(f"upsample factors {upsample} must be whole numbers unless data.resampled=true")
+        if not resampled and num_samples > self.available:
+            raise ValueError(f"an epoch of {num_samples} samples is more than the {self.available} the shards hold; "
+                             "lower data.train_num_samples or set data.resampled=true")
+        self.transform, self.tokenizer = transform, tokenizer
+        self.batch_size, self.num_samples = batch_size, num_samples
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.shuffle_buffer, self.resampled = shuffle, shuffle_buffer, resampled
+        self.image_keys, self.text_key = image_keys(image_key), text_key
+        self.batches = plan.batches_per_rank(num_samples, batch_size, world_size)
+        # the loader sets this before each epoch; shared with worker processes, so persistent workers see it too
+        self.epoch = multiprocessing.Value("i", epoch)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, counter = self.epoch.value, SkipCounter()
+        quota = plan.worker_batches(self.batches, workers, worker) * self.batch_size
+        buffer_rng = plan.rng_for(self.seed, epoch, self.rank, worker, 1)
+        if self.resampled:
+            own, spare = self._resampled(epoch, worker, counter), iter(())
+        else:
+            own, spare = self._stretches(epoch, worker, workers, quota, counter)
+        if self.shuffle:
+            own = wds.shuffle(self.shuffle_buffer, max(self.shuffle_buffer // 4, 1), rng=buffer_rng)(own)
+        pairs = itertools.chain(self._decode(own, counter), self._decode(spare, counter, refill=True))
+        produced = 0
+        while produced < quota:
+            batch = list(itertools.islice(pairs, self.batch_size))
+            if len(batch) < self.batch_size:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker} found only {produced + len(batch)} readable samples of the "
+                    f"{quota} it needs in epoch {epoch}, even reading every shard; see the warnings above")
+            produced += len(batch)
+            images, captions = zip(*batch)
+            yield torch.stack(images), self.tokenizer(list(captions)), torch.from_numpy(counter.take())
+
+    def _stretches(self, epoch: int, worker: int, workers: int, quota: int, counter: SkipCounter):
+        """This worker's stretch of the epoch, and the positions it takes replacements from."""
+        order = plan.epoch_order(self.sizes, self.repeats, self.seed, epoch, self.shuffle)
+        start = plan.worker_start(self.batches, self.batch_size, self.rank, workers, worker)
+        used = self.batches * self.batch_size * self.world_size
+        spare_start = plan.refill_start(self.num_samples, used, self.available, self.world_size, workers, self.rank, worker)
+        own = read_segments(self.urls, plan.segments(order, self.sizes, start, quota), counter.add)
+        # replacements: the unused positions first, then on round the whole sequence once
+        spare = read_segments(self.urls, plan.segments(order, self.sizes, spare_start, self.available), ignore)
+        return own, spare
+
+    def _resampled(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict]:
+        rng = plan.rng_for(self.seed, epoch, self.rank, worker, 2)
+        empty_in_a_row = 0
+        while empty_in_a_row < max(100, 2 * len(self.urls)):
+            shard = rng.choices(range(len(self.urls)), weights=self.weights)[0]
+            read = 0
+            for read, sample in enumerate(shard_samples(self.urls[shard], 0, 1 << 62, counter.add), 1):
+                yield sample
+            empty_in_a_row = 0 if read else empty_in_a_row + 1
+        # ends the stream; __iter__ then says how few samples it found
+
+    def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False):
+        """(image tensor, caption) pairs; skips are counted by the reader that owns the sample, refills as such."""
+        report = ignore if refill else counter.add
+        in_a_row = 0
+        for sample in samples:
+            try:
+                image = image_of(sample, self.image_keys)
+                caption = caption_of(sample, self.text_key)
+                try:
+                    image = self.transform(image)
+                except Exception as exn:  # a transform that fails on one odd image must not end the run
+                    raise BadSample("transform_failed", f"{sample['__key__']}: {exn!r}") from None
+            except BadSample as bad:
+                report(bad.kind, sample["__url__"], bad.detail)
+                in_a_row += 1
+                if in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(f"{in_a_row} samples in a row were unusable (last: {bad}); check "
+                                       "data.image_key / data.text_key and the shards") from None
+                continue
+            in_a_row = 0
+            if refill:
+                counter.add("refilled", sample["__url__"])
+            yield image, caption
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that tells the stream which epoch begins (``current_epoch()``, the trainer's), so shard order and
+    sample shuffle follow seed + epoch also after resuming from a checkpoint and with persistent workers. Without
+    ``current_epoch`` each new iteration is the next epoch."""
+
+    def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int] | None = None, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.current_epoch, self.iterations = current_epoch, 0
+
+    def __iter__(self):
+        if self.current_epoch is not None:
+            self.dataset.epoch.value = self.current_epoch()
+        elif self.iterations:
+            self.dataset.epoch.value += 1
+        self.iterations += 1
+        return super().__iter__()

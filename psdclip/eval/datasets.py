@@ -7,7 +7,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from psdclip.data.pipeline import expand_shards
+from psdclip.data.sources import expand_shards
 
 
 def read_lines(path: str | Path) -> list[str]:

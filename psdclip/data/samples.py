@@ -1,0 +1,149 @@
+"""Read samples out of tar shards and decode them, skipping and counting every kind of bad data instead of failing."""
+
+import importlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from psdclip.data.plan import Segment
+
+log = logging.getLogger(__name__)
+# the module, which webdataset's package namespace shadows with its gopen function
+gopen = importlib.import_module("webdataset.gopen")
+
+# what a skipped item was; a batch carries the counts since the previous batch in this order
+SKIP_KINDS = (
+    "shard_missing",  # named by the pattern, absent on disk (counted once, at start-up)
+    "shard_unreadable",  # could not be opened or is not a tar (zero-byte files included)
+    "shard_truncated",  # ended with a read error part-way
+    "image_missing",
+    "image_undecodable",  # truncated or corrupt image bytes
+    "caption_missing",  # no caption file, or no such field in the json
+    "caption_empty",
+    "caption_not_utf8",
+    "transform_failed",
+)
+COUNTERS = SKIP_KINDS + ("refilled",)  # refilled: samples read in place of skipped ones
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+class SkipCounter:
+    """Counts skips by kind and warns once per (shard, kind), naming the shard."""
+
+    def __init__(self):
+        self.counts = np.zeros(len(COUNTERS), dtype=np.int64)
+        self.warned: set[tuple[str, str]] = set()
+
+    def add(self, kind: str, url: str, detail: str = "") -> None:
+        self.counts[COUNTERS.index(kind)] += 1
+        if kind != "refilled" and (url, kind) not in self.warned:
+            self.warned.add((url, kind))
+            log.warning("skipping %s in shard %s (%s); further ones of this kind in this shard are counted only",
+                        kind.replace("_", " "), url, detail)
+
+    def take(self) -> np.ndarray:
+        counts, self.counts = self.counts, np.zeros_like(self.counts)
+        return counts
+
+
+def ignore(kind: str, url: str, detail: str = "") -> None:
+    """Report function for reads whose skips another worker counts already."""
+
+
+def open_shard(url: str):
+    """A binary stream of ``url``: webdataset's gopen for files, ``pipe:`` and its schemes, else fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme and scheme != "file" and scheme not in gopen.gopen_schemes and not url.startswith("pipe:"):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return gopen.gopen(url)
+
+
+def shard_samples(url: str, skip: int, take: int, report: Callable) -> Iterator[dict]:
+    """Samples ``skip`` … ``skip + take`` of a shard (files grouped by key as webdataset does); a shard that cannot
+    be opened or breaks off is reported once, by the reader whose stretch the failure falls in."""
+    position, sample = 0, None
+    try:
+        stream = open_shard(url)
+        try:
+            for member in wds.tariterators.tar_file_iterator(stream):
+                key, extension = wds.tariterators.base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                if sample is not None and (key != sample["__key__"] or extension.lower() in sample):
+                    if position >= skip:
+                        yield sample
+                    position += 1
+                    sample = None
+                    if position >= skip + take:
+                        return
+                if sample is None:
+                    sample = {"__key__": key, "__url__": url}
+                sample[extension.lower()] = member["data"]
+        finally:
+            stream.close()
+    except (OSError, tarfile.TarError, ValueError) as exn:  # curl/pipe failures, bad tar headers, truncation
+        if skip <= position < skip + take:
+            kind = "shard_unreadable" if position == 0 and sample is None else "shard_truncated"
+            kind = "shard_missing" if isinstance(exn, FileNotFoundError) else kind
+            report(kind, url, f"{exn!r} after {position} samples")
+    # the last sample, or the one being read when the shard broke off (decoding tells whether it is whole)
+    if sample is not None and skip <= position < skip + take:
+        yield sample
+
+
+def read_segments(urls: list[str], pieces: list[Segment], report: Callable) -> Iterator[dict]:
+    for piece in pieces:
+        yield from shard_samples(urls[piece.shard], piece.skip, piece.take, report)
+
+
+def caption_of(sample: dict, text_key: str) -> str:
+    """The caption under ``text_key``: a file extension (``txt``) or ``json:<field>[.<field>…]``."""
+    extension, _, field = text_key.partition(":")
+    if extension not in sample:
+        raise BadSample("caption_missing", f"no .{extension} for {sample['__key__']}")
+    try:
+        text = sample[extension].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise BadSample("caption_not_utf8", f"{sample['__key__']}.{extension}: {exn}") from None
+    if field:
+        try:
+            value = json.loads(text)
+            for part in field.split("."):
+                value = value[part]
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise BadSample("caption_missing", f"no field {field!r} in {sample['__key__']}.{extension}") from None
+        text = value if isinstance(value, str) else ""
+    if not text.strip():
+        raise BadSample("caption_empty", f"{sample['__key__']}.{extension}")
+    return text.strip()
+
+
+def image_of(sample: dict, image_keys: tuple[str, ...]) -> Image.Image:
+    extension = next((key for key in image_keys if key in sample), None)
+    if extension is None:
+        raise BadSample("image_missing", f"no {'/'.join(image_keys)} for {sample['__key__']}")
+    try:
+        with Image.open(io.BytesIO(sample[extension])) as image:
+            return image.convert("RGB")  # forces the full decode, so truncation shows here
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError …
+        raise BadSample("image_undecodable", f"{sample['__key__']}.{extension}: {exn!r}") from None
+
+
+def image_keys(spec: str) -> tuple[str, ...]:
+    """``"jpg;png"`` → ("jpg", "png")."""
+    return tuple(key.strip().lower() for key in spec.split(";") if key.strip())
