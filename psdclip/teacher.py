@@ -14,12 +14,15 @@ class EMATeacher(nn.Module):
     def __init__(self, model: nn.Module, decay: float = 0.999):
         super().__init__()
         self.decay = decay
-        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        # buffers are copied, not averaged: lerp turns open_clip's -inf attention mask into NaN
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
         self.average.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.average.update_parameters(model)
+        for mine, theirs in zip(self.average.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
     @torch.no_grad()
     def forward(self, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
