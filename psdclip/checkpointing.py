@@ -56,7 +56,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": _plain(np.random.get_state()),  # plain types: checkpoints load with weights_only=True
             "python": random.getstate(),
         }
 
@@ -68,7 +68,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
+        name, keys, *rest = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
         random.setstate(states["python"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -78,21 +79,27 @@ class ResumableCheckpoint(ModelCheckpoint):
             make_loader = datamodule.train_dataloader
 
             def resuming_loader():
-                return SkipOnResume(make_loader(), trainer)
+                return SkipOnResume(make_loader, trainer)
 
             resuming_loader.resumes = True
             datamodule.train_dataloader = resuming_loader
 
 
+def _plain(state: tuple) -> tuple:
+    return tuple(item.tolist() if isinstance(item, np.ndarray) else item for item in state)
+
+
 class SkipOnResume:
     """A training loader that, in the first pass after a mid-epoch resume, skips the batches already trained on.
 
-    The count is Lightning's own (``batch_progress.current.ready``, which it also adds to the fetched count);
-    the stream restarts from the interrupted epoch (webdataset shuffles are seeded by seed + epoch).
+    The count is Lightning's own (``batch_progress.current.ready``, which it also adds to the fetched count).
+    The loader is rebuilt once the restored epoch is known (Lightning first builds it before restoring, to count
+    the steps), so the stream restarts from the interrupted epoch (webdataset shuffles are seeded by seed + epoch).
     """
 
-    def __init__(self, loader, trainer: L.Trainer):
-        self.loader, self.trainer = loader, trainer
+    def __init__(self, make_loader, trainer: L.Trainer):
+        self.make_loader, self.trainer = make_loader, trainer
+        self.loader, self.epoch = make_loader(), trainer.current_epoch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -101,14 +108,19 @@ class SkipOnResume:
         return getattr(self.loader, name)
 
     def __iter__(self):
-        iterator = iter(self.loader)
+        # a generator: the count is read at the first batch, after Lightning has restored its loops
+        # (the loader is first iterated earlier, when the schedules ask for the number of steps)
         loop = self.trainer.fit_loop
+        if self.epoch != self.trainer.current_epoch:  # built before the restore: rebuild for the restored epoch
+            self.loader, self.epoch = self.make_loader(), self.trainer.current_epoch
         skip = loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+        skip = skip if skip < len(self.loader) else 0  # a finished epoch: the next one starts afresh
+        iterator = iter(self.loader)
         if skip:
             log.info("resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip)
         for _ in range(skip):
             next(iterator)
-        return iterator
+        yield from iterator
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:

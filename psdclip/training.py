@@ -25,7 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    module = PSDCLIPModule(clip, instantiate(cfg.loss), **cfg.optim)
+    module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))  # plain types: checkpoints load with weights_only
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
