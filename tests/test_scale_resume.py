@@ -140,7 +140,8 @@ def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
     from test_scale_ddp import OneBatch, global_batch, make_module
 
     module = make_module(dict(alpha_max=0.5, teacher="ema", ema_decay=0.9), local_loss=False)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=OneBatch(global_batch()))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
