@@ -77,6 +77,8 @@ class PSDLoss(nn.Module):
         mix: weight of the soft target against the one-hot target for distilled rows.
         seed: seeds the per-step draw of D (the draw depends only on seed and step, so it is reproducible
             and identical on every rank).
+        local_loss: read by the LightningModule under DDP: each rank scores only its own rows against the
+            gathered columns (open_clip's ``local_loss``), O(N/W × N) logits per rank instead of N × N.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class PSDLoss(nn.Module):
         tau_teacher: float = 1.0,
         mix: float = 1.0,
         seed: int = 0,
+        local_loss: bool = False,
     ):
         super().__init__()
         if teacher not in TEACHERS:
@@ -110,7 +113,7 @@ class PSDLoss(nn.Module):
             )
         self.schedule = make_schedule(schedule, alpha_max, ramp_start, ramp_end)
         self.teacher, self.ema_decay, self.scope = teacher, ema_decay, scope
-        self.tau_teacher, self.mix, self.seed = tau_teacher, mix, seed
+        self.tau_teacher, self.mix, self.seed, self.local_loss = tau_teacher, mix, seed, local_loss
 
     @property
     def alpha_max(self) -> float:

@@ -27,13 +27,15 @@ def create_clip(
     pretrained: str | None = None,
     augmentation: dict[str, Any] | None = None,
     grad_checkpointing: bool = False,
+    compile: bool = False,
     **model_kwargs,
 ) -> CLIPBundle:
     """Build ``name`` from open_clip's registry (which includes ``psdclip/model_configs``).
 
     ``pretrained`` is a local weights file or an open_clip pretrained tag; the default ``None`` means
     random initialisation, the only option without hub access. ``augmentation`` is open_clip's
-    AugmentationCfg for the training transform.
+    AugmentationCfg for the training transform. ``compile`` wraps the forward in ``torch.compile`` in place
+    (parameter names, hence checkpoints, are unchanged).
     """
     if name not in open_clip.list_models():
         raise ValueError(
@@ -47,4 +49,6 @@ def create_clip(
     )
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if compile:
+        model.compile()
     return CLIPBundle(name, model, train_transform, eval_transform, open_clip.get_tokenizer(name))

@@ -49,35 +49,47 @@ class PSDCLIPModule(L.LightningModule):
     def encode_text(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens, normalize=True)
 
-    def _global_logits(self, outputs: dict[str, Tensor], sync_grads: bool) -> tuple[Tensor, Tensor]:
-        """Image→text and text→image logits of the global batch (features gathered from every rank)."""
-        image, text = outputs["image_features"], outputs["text_features"]
+    def _logits(self, outputs: dict[str, Tensor], sync_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Image→text and text→image logits of this rank's rows against the global batch, and the rows' labels.
+
+        Features are gathered from every rank (with gradients for the student). Without ``local_loss`` every
+        rank scores all N rows (identical losses); with it, only its own N/W rows. Both give one process's
+        gradient after DDP's mean: the gather's backward sums each rank's share into the feature's owner.
+        """
+        image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"].float()
+        all_image, all_text = image, text
         if self.trainer.world_size > 1:
-            image = self.all_gather(image, sync_grads=sync_grads).flatten(0, 1)
-            text = self.all_gather(text, sync_grads=sync_grads).flatten(0, 1)
-        logits_per_image = outputs["logit_scale"].float() * image.float() @ text.float().T
-        return logits_per_image, logits_per_image.T
+            all_image = self.all_gather(image, sync_grads=sync_grads).flatten(0, 1)
+            all_text = self.all_gather(text, sync_grads=sync_grads).flatten(0, 1)
+        all_image, all_text = all_image.float(), all_text.float()  # the loss runs in fp32 under mixed precision
+        if self.loss.local_loss:
+            labels = torch.arange(len(image), device=self.device) + self.global_rank * len(image)
+            return scale * image.float() @ all_text.T, scale * text.float() @ all_image.T, labels
+        logits_per_image = scale * all_image @ all_text.T
+        return logits_per_image, logits_per_image.T, torch.arange(len(all_image), device=self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, texts = batch
-        logits_per_image, logits_per_text = self._global_logits(self.model(images, texts), sync_grads=True)
+        logits_per_image, logits_per_text, labels = self._logits(self.model(images, texts), sync_grads=True)
         teacher_logits = None
         if self.teacher is not None:
-            teacher_logits = self._global_logits(self.teacher(images, texts), sync_grads=False)
+            teacher_logits = self._logits(self.teacher(images, texts), sync_grads=False)[:2]
         step, total = self.global_step, self.trainer.estimated_stepping_batches
-        labels = torch.arange(logits_per_image.shape[0], device=self.device)
         stats = self.loss(logits_per_image, logits_per_text, labels, self.loss.schedule(step, total), step, teacher_logits)
         stats["logit_scale"] = self.model.logit_scale.detach().exp()
+        # with local_loss each rank holds its rows' loss: average it; the sub-statistics are rank 0's rows
+        local = self.loss.local_loss and self.trainer.world_size > 1
         shown = {"loss", "alpha"}
         for name, value in stats.items():
-            self.log(f"train/{name}", value.float(), prog_bar=name in shown)
+            self.log(f"train/{name}", value.float(), prog_bar=name in shown, sync_dist=local and name == "loss")
         return stats["loss"]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if self.teacher is not None:
+        # a step skipped for a non-finite loss (psdclip.nonfinite) leaves no gradients: the teacher waits too
+        if self.teacher is not None and any(p.grad is not None for p in self.model.parameters()):
             self.teacher.update(self.model)
 
     def configure_optimizers(self):

@@ -9,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from psdclip.checkpointing import resolve_ckpt_path
 from psdclip.module import PSDCLIPModule
 from psdclip.summary import SUMMARY_FILE, format_table
 
@@ -24,7 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    module = PSDCLIPModule(clip, instantiate(cfg.loss), **cfg.optim)
+    module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))  # plain types: checkpoints load with weights_only
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
@@ -32,8 +33,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         write_summary(cfg, trainer, metrics, time.perf_counter() - started)

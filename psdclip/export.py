@@ -1,0 +1,65 @@
+"""Export a training checkpoint as an open_clip model folder: `python -m psdclip.export ckpt=... out=...`.
+
+The folder holds ``open_clip_config.json`` (model_cfg + preprocess_cfg, open_clip's hub layout),
+``open_clip_model.safetensors`` and ``<model name>.json`` (the bare model config), so any of these work:
+
+    open_clip.create_model_and_transforms("local-dir:OUT")                       # config + weights
+    open_clip.create_model_and_transforms("ViT-B-32", pretrained="OUT/open_clip_model.safetensors")
+    open_clip.add_model_config("OUT/psdclip-vit-tiny.json")                        # names open_clip lacks
+    open_clip.create_model_and_transforms("psdclip-vit-tiny", pretrained="OUT/open_clip_model.safetensors")
+
+Options (``key=value``): ``weights=student`` (default) or ``weights=ema`` (the EMA teacher, when trained with one).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+import psdclip.models  # noqa: F401  (registers psdclip/model_configs with open_clip)
+
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
+WEIGHT_SOURCES = {"student": "model.", "ema": "teacher.average.module."}
+
+
+def export(ckpt: str | Path, out: str | Path, weights: str = "student") -> Path:
+    """Write ``ckpt``'s open_clip weights and config to the folder ``out``; returns it."""
+    if weights not in WEIGHT_SOURCES:
+        raise ValueError(f"weights={weights!r}: choose one of {sorted(WEIGHT_SOURCES)}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    name = checkpoint.get("hyper_parameters", {}).get("model_name")
+    model_cfg = open_clip.get_model_config(name) if name else None
+    if model_cfg is None:
+        raise ValueError(f"{ckpt}: model {name!r} unknown to open_clip; was it trained with a config that is gone?")
+    prefix = WEIGHT_SOURCES[weights]
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{ckpt} holds no {weights} weights (keys starting with {prefix!r}); was teacher=ema?")
+    # torch.compile'd modules keep their weights under _orig_mod.
+    state = {key.replace("_orig_mod.", ""): value.contiguous() for key, value in state.items()}
+
+    model = open_clip.create_model(name, output_dict=True)
+    model.load_state_dict(state)  # fails loudly if config and weights disagree
+    preprocess = dict(model.visual.preprocess_cfg)  # image size, mean/std, interpolation, resize mode
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
+    return out
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = [arg for arg in argv if "=" not in arg] + sorted(set(args) - {"ckpt", "out", "weights"})
+    if unknown or not {"ckpt", "out"} <= set(args):
+        raise SystemExit(f"usage: python -m psdclip.export ckpt=PATH out=DIR [weights=student|ema] (got {argv})")
+    return args
+
+
+if __name__ == "__main__":
+    folder = export(**parse_args(sys.argv[1:]))
+    print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")

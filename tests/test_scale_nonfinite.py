@@ -1,0 +1,49 @@
+"""A non-finite loss skips the step (weights and optimiser state untouched) and is counted; a streak stops the run."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from psdclip.nonfinite import NonFiniteLossError, SkipNonFiniteLoss
+
+
+class Toy(L.LightningModule):
+    """A linear model whose loss is NaN at the steps listed in `bad`."""
+
+    def __init__(self, bad: set[int]):
+        super().__init__()
+        self.layer, self.bad, self.snapshots = torch.nn.Linear(4, 1), bad, {}
+
+    def training_step(self, batch, batch_idx):
+        self.snapshots[self.global_step] = self.layer.weight.detach().clone()
+        loss = self.layer(batch).pow(2).mean()
+        return loss * float("nan") if self.global_step in self.bad else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+
+def fit(module: Toy, guard: SkipNonFiniteLoss, steps: int) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[guard])
+    trainer.fit(module, train_dataloaders=DataLoader(torch.arange(1.0, 9.0)[:, None].expand(8, 4), batch_size=None))
+    return trainer
+
+
+def test_nonfinite_steps_are_skipped_and_counted():
+    torch.manual_seed(0)
+    module, guard = Toy(bad={2, 3}), SkipNonFiniteLoss(max_consecutive=3)
+    trainer = fit(module, guard, steps=6)
+    snaps = module.snapshots
+    assert torch.equal(snaps[3], snaps[2]) and torch.equal(snaps[4], snaps[2])  # skipped: untouched
+    assert not torch.equal(snaps[2], snaps[1]) and not torch.equal(snaps[5], snaps[4])  # good steps move
+    assert guard.skipped == 2 and guard.consecutive == 0
+    assert trainer.global_step == 6 and trainer.callback_metrics["train/nonfinite_steps"] == 2
+    assert torch.isfinite(module.layer.weight).all()
+
+
+def test_a_streak_of_nonfinite_losses_stops_with_the_step():
+    module, guard = Toy(bad={1, 2, 3, 4}), SkipNonFiniteLoss(max_consecutive=3)
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row, the last at step 3.*Last checkpoint"):
+        fit(module, guard, steps=8)

@@ -1,0 +1,169 @@
+"""Resuming with ckpt_path=last follows the uninterrupted run; checkpoints are atomic; open_clip export round-trips."""
+
+import csv
+import gzip
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import open_clip
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from lightning.fabric.plugins.io import torch_io
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from psdclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from psdclip.export import export
+from psdclip.training import train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+STEPS, CRASH_AFTER, EVERY = 10, 8, 7  # 6 batches per epoch: the resume at step 7 is mid-epoch 1
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 192), ("t10k", 40)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)), 0x803)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count), 0x801)
+    return folder
+
+
+class CrashAfter(L.Callback):
+    """Stands in for a killed job: dies after `step` optimiser steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise SystemExit("killed")
+
+
+def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None = None):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.log_dir={tmp}/logs", f"paths.output_dir={tmp}/logs/train/runs/{name}", f"paths.cache_dir={tmp}/cache",
+            f"paths.fashion_mnist_dir={fashion}", "~callbacks.zeroshot", f"trainer.max_steps={STEPS}",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.batch_size=32",
+            "data.num_workers=0", "data.shuffle_buffer=64", "optim.warmup_steps=3",
+            f"callbacks.model_checkpoint.every_n_train_steps={EVERY}", "loss.teacher=ema", "loss.ema_decay=0.9",
+            "+model.augmentation.scale=[1.0,1.0]", "+model.augmentation.ratio=[1.0,1.0]", *overrides,
+        ])
+    if crash:
+        with open_dict(cfg):
+            cfg.callbacks.crash = {"_target_": f"{__name__}.CrashAfter", "step": crash}
+    try:
+        train(cfg)
+    except SystemExit:
+        assert crash
+    return Path(cfg.paths.output_dir)
+
+
+def curves(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step → (alpha, learning rate) from the CSV log."""
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    alpha = {int(r["step"]): float(r["train/alpha"]) for r in rows if r.get("train/alpha")}
+    lr = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")}
+    return {step: (alpha[step], lr[step]) for step in alpha.keys() & lr.keys()}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir):
+    straight = run(tmp_path, fashion_dir, "straight")
+    killed = run(tmp_path, fashion_dir, "killed", crash=CRASH_AFTER)
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == EVERY
+    resumed = run(tmp_path, fashion_dir, "resumed", "ckpt_path=last")
+
+    expected, got = curves(straight), curves(resumed)
+    later = sorted(step for step in expected if step >= EVERY)
+    assert len(later) >= STEPS - EVERY - 1 and set(later) <= set(got), (sorted(expected), sorted(got))
+    for step in later:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
+    assert len({alpha for alpha, _ in expected.values()}) > 3  # alpha ramps, so the check has teeth
+
+    final = {name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=False) for name, path in
+             (("straight", straight), ("resumed", resumed))}
+    assert final["straight"]["global_step"] == final["resumed"]["global_step"] == STEPS
+    for key, value in final["straight"]["state_dict"].items():  # student and EMA teacher
+        torch.testing.assert_close(final["resumed"]["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert final["resumed"]["rng_states"]["torch"].shape == final["straight"]["rng_states"]["torch"].shape
+
+
+def test_ckpt_path_last_picks_newest_run(tmp_path):
+    older, newer = (tmp_path / "train" / "runs" / name / "checkpoints" / "last.ckpt" for name in ("a", "b"))
+    for index, path in enumerate((older, newer)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        import os
+        os.utime(path, (1000 + index, 1000 + index))
+    assert resolve_ckpt_path("last", str(tmp_path), "train") == str(newer)
+    assert resolve_ckpt_path(None, str(tmp_path), "train") is None
+    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
+        resolve_ckpt_path("last", str(tmp_path), "other_task")
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("io_class, survives", [(AtomicCheckpointIO, True), (TorchCheckpointIO, False)])
+def test_partly_written_checkpoint_never_replaces_last(tmp_path, monkeypatch, io_class, survives):
+    last = tmp_path / "last.ckpt"
+    io = io_class()
+    io.save_checkpoint({"step": 1, "weights": torch.arange(1000.0)}, last)
+    good = last.read_bytes()
+
+    def crash_mid_write(checkpoint, path):  # half the bytes reach the disk, then the job dies
+        data = good[: len(good) // 2]
+        with open(path, "wb") as f:
+            f.write(data)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, last)
+    assert (last.read_bytes() == good) is survives  # the plain writer shows the test can fail
+    if survives:
+        assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+        assert io.load_checkpoint(last)["step"] == 1
+
+
+@pytest.mark.parametrize("weights", ["student", "ema"])
+def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
+    from test_scale_ddp import OneBatch, global_batch, make_module
+
+    module = make_module(dict(alpha_max=0.5, teacher="ema", ema_decay=0.9), local_loss=False)
+    # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=OneBatch(global_batch()))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    out = export(tmp_path / "run.ckpt", tmp_path / "export", weights=weights)
+
+    source = module.model if weights == "student" else module.teacher.average.module
+    source.eval()
+    images, texts = global_batch()
+    from PIL import Image
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+
+    by_dir, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    open_clip.add_model_config(out / "psdclip-vit-tiny.json")
+    by_name, _, _ = open_clip.create_model_and_transforms("psdclip-vit-tiny", pretrained=str(out / "open_clip_model.safetensors"))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    torch.testing.assert_close(tokenizer(["a shirt"]), module.tokenizer(["a shirt"]))
+    torch.testing.assert_close(preprocess(picture), module.eval_transform(picture))
+    with torch.no_grad():
+        for loaded in (by_dir, by_name):
+            loaded.eval()
+            torch.testing.assert_close(loaded.encode_image(images), source.encode_image(images), rtol=0, atol=0)
+            torch.testing.assert_close(loaded.encode_text(texts), source.encode_text(texts), rtol=0, atol=0)
+            assert loaded.logit_scale.item() == source.logit_scale.item()
+    if weights == "ema":  # the teacher really is a different model
+        assert not torch.allclose(by_dir.encode_image(images), module.model.encode_image(images))
