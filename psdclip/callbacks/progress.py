@@ -7,15 +7,16 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 log = logging.getLogger(__name__)
 
-# ThroughputMonitor's global figure (all ranks)
-SAMPLES_PER_SEC = "train/samples_per_sec"
+# ThroughputMonitor's figures: all ranks (logged when world_size > 1), else this device
+SAMPLES_PER_SEC = ("train/samples_per_sec", "train/device/samples_per_sec")
 
 
 def short_metrics(trainer, metrics: dict) -> dict:
     """Progress-bar metrics without the ``train/`` prefix, plus samples/s once ThroughputMonitor has measured it."""
     shown = {name.removeprefix("train/"): value for name, value in metrics.items()}
-    if SAMPLES_PER_SEC in trainer.logged_metrics:
-        shown["samples/s"] = float(trainer.logged_metrics[SAMPLES_PER_SEC])
+    rate = next((trainer.logged_metrics[key] for key in SAMPLES_PER_SEC if key in trainer.logged_metrics), None)
+    if rate is not None:
+        shown["samples/s"] = float(rate)
     return shown
 
 
