@@ -28,6 +28,21 @@ class DirectionLoss:
     diagonal: Tensor  # (distilled rows,) Q's mass on the row's own pair
 
 
+def soft_targets(teacher_logits: Tensor, own: Tensor, distill: Tensor, scope: str = "subset", tau_teacher: float = 1.0,
+                 mix: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Targets of distilled rows, ``mix`` × soft + (1 − ``mix``) × one-hot on ``own``, and the soft part alone.
+
+    The soft part is softmax(teacher_logits / tau_teacher), restricted to D's pairs with ``scope="subset"``.
+    """
+    teacher = teacher_logits.detach().float() / tau_teacher
+    if scope == "subset":
+        teacher = teacher.masked_fill(~distill, float("-inf"))
+    soft = teacher.softmax(dim=-1)
+    target = mix * soft
+    target[torch.arange(len(own), device=own.device), own] += 1.0 - mix
+    return target, soft
+
+
 def direction_loss(
     logits: Tensor,
     teacher_logits: Tensor,
@@ -49,13 +64,8 @@ def direction_loss(
     if not rows.any():
         empty = logits.new_zeros(0)
         return DirectionLoss(per_row, rows, empty, empty)
-    teacher = teacher_logits[rows].detach().float() / tau_teacher
-    if scope == "subset":
-        teacher = teacher.masked_fill(~distill, float("-inf"))
-    soft = teacher.softmax(dim=-1)
     own = labels[rows]
-    target = mix * soft
-    target[torch.arange(len(own), device=own.device), own] += 1.0 - mix
+    target, soft = soft_targets(teacher_logits[rows], own, distill, scope, tau_teacher, mix)
     per_row = per_row.clone()
     per_row[rows] = F.cross_entropy(logits[rows], target.to(logits.dtype), reduction="none")
     entropy = torch.special.entr(soft).sum(dim=-1)

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from psdclip.checkpointing import resolve_ckpt_path
+from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.summary import SUMMARY_FILE, format_table
 
@@ -18,18 +19,20 @@ log = logging.getLogger(__name__)
 
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate each named entry of a callbacks/logger group (entries without ``_target_`` are skipped)."""
-    return [instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    objects = [instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    return [obj for obj in objects if obj is not None]  # a factory may decline (e.g. no progress bar when disabled)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))  # plain types: checkpoints load with weights_only
+    # plain Python types in the hyperparameters, so checkpoints load with weights_only
+    module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {**OmegaConf.to_container(cfg, resolve=True), "git": git_state()}
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 

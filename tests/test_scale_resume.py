@@ -137,7 +137,7 @@ def test_partly_written_checkpoint_never_replaces_last(tmp_path, monkeypatch, io
 
 @pytest.mark.parametrize("weights", ["student", "ema"])
 def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
-    from test_scale_ddp import OneBatch, global_batch, make_module
+    from tests.test_scale_ddp import OneBatch, global_batch, make_module
 
     module = make_module(dict(alpha_max=0.5, teacher="ema", ema_decay=0.9), local_loss=False)
     # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it

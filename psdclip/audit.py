@@ -1,0 +1,202 @@
+"""Noisy-pair audit: which training captions does the trained model doubt?
+
+    python -m psdclip.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [threshold=0.5] [reference_size=8192]
+
+For pair i with image x_i and caption t_i, the model's soft target over captions (PSD's teacher signal) is
+softmax(s(x_i, ·) / tau), s = logit_scale × cosine. The pair's doubt in the image→text direction is
+1 − Q(t_i) / max_j Q(t_j) = 1 − exp((s(x_i, t_i) − max_j s(x_i, t_j)) / tau) over the captions t_j of a reference
+set of pairs: 0 when the given caption is the model's favourite, near 1 when the model strongly prefers another.
+Text→image likewise; the score is their mean. Duplicated or near-identical captions do not raise it, unlike the
+diagonal mass Q(t_i) itself.
+
+Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, …),
+``suspects.csv`` (the ``top_k`` first), ``suspects.png`` (an image grid) and ``audit.json``. When the data says
+which captions were corrupted (the embedded data's ``json``), it adds precision and recall of the flagged pairs,
+AUROC and average precision.
+"""
+
+import heapq
+import json
+import logging
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from psdclip.models import CLIPBundle, create_clip
+from psdclip.module import MAX_LOGIT_SCALE
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | Path) -> CLIPBundle:
+    """The open_clip model of a psdclip Lightning checkpoint (architecture from ``hparams.model_name``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    name = state.get("hyper_parameters", {}).get("model_name")
+    if name is None or "state_dict" not in state:
+        raise ValueError(f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict)")
+    clip = create_clip(name)
+    weights = {key.removeprefix("model."): value for key, value in state["state_dict"].items() if key.startswith("model.")}
+    clip.model.load_state_dict(weights)
+    clip.model.eval()
+    return clip
+
+
+def doubt(image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tensor, ref_text: torch.Tensor, scale: float, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Doubt of each pair (rows of normalised ``image``/``text``) against reference pairs, per direction."""
+    own = (image * text).sum(dim=1)
+    best_text = torch.maximum((image @ ref_text.T).amax(dim=1), own)
+    best_image = torch.maximum((text @ ref_image.T).amax(dim=1), own)
+    return -torch.expm1(scale * (own - best_text) / tau), -torch.expm1(scale * (own - best_image) / tau)
+
+
+@dataclass
+class PairStream:
+    """Image–caption pairs of a shard pattern, in order, with shard, key and (when present) the sample's json."""
+
+    shards: list[str]
+    image_key: str
+    text_key: str
+
+    def batches(self, transform, batch_size: int, limit: int | None = None):
+        def pair(sample: dict) -> dict:
+            image = next((sample[k] for k in self.image_key.split(";") if k in sample), None)
+            if image is None or self.text_key not in sample:
+                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {self.image_key} or {self.text_key}")
+            meta = sample.get("json")
+            return {"image": image, "caption": sample[self.text_key], "shard": sample["__url__"], "key": sample["__key__"],
+                    "meta": meta if isinstance(meta, dict) else {}}
+
+        stages = [wds.SimpleShardList(self.shards), wds.tarfile_to_samples(handler=wds.warn_and_continue),
+                  wds.decode("pilrgb", handler=wds.warn_and_continue), wds.map(pair, handler=wds.warn_and_continue)]
+        if limit:
+            stages.append(wds.slice(limit))
+        batch = []
+        for item in wds.DataPipeline(*stages):
+            item["input"] = transform(item["image"])
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+@dataclass
+class Auditor:
+    clip: CLIPBundle
+    device: torch.device
+    tau: float = 1.0
+    scale: float = field(init=False)
+
+    def __post_init__(self):
+        self.clip.model.to(self.device)
+        self.scale = float(self.clip.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
+
+    @torch.no_grad()
+    def encode(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([item["input"] for item in batch]).to(self.device)
+        tokens = self.clip.tokenizer([item["caption"] for item in batch]).to(self.device)
+        model = self.clip.model
+        return F.normalize(model.encode_image(images).float(), dim=-1), F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+    def run(self, stream: PairStream, batch_size: int, reference_size: int, limit: int | None, grid: int):
+        """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
+        reference = [self.encode(batch) for batch in stream.batches(self.clip.eval_transform, batch_size, min(reference_size, limit or reference_size))]
+        if not reference:
+            raise ValueError(f"no readable image–caption pairs in {stream.shards[0]} … ({len(stream.shards)} shards)")
+        ref_image, ref_text = torch.cat([r[0] for r in reference]), torch.cat([r[1] for r in reference])
+        rows, worst = [], []  # worst: a min-heap of the grid's (score, index, image)
+        for batch in stream.batches(self.clip.eval_transform, batch_size, limit):
+            image, text = self.encode(batch)
+            i2t, t2i = doubt(image, text, ref_image, ref_text, self.scale, self.tau)
+            for item, a, b in zip(batch, i2t.tolist(), t2i.tolist()):
+                score = (a + b) / 2
+                row = {"shard": item["shard"], "key": item["key"], "caption": item["caption"], "score": score,
+                       "doubt_image_to_text": a, "doubt_text_to_image": b}
+                if "corrupted" in item["meta"]:
+                    row["corrupted"] = bool(item["meta"]["corrupted"])
+                entry = (score, len(rows), item["image"])
+                rows.append(row)
+                (heapq.heappush if len(worst) < grid else heapq.heappushpop)(worst, entry)
+            log.info("scored %d pairs", len(rows))
+        frame = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+        return frame, [(index, image) for _, index, image in sorted(worst, reverse=True)], rows
+
+
+def quality(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
+    """Flag counts, and against the known corrupted pairs (when the data says): precision, recall, AUROC, AP."""
+    flagged = frame["score"] >= threshold
+    result = {"pairs": len(frame), "threshold": threshold, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean())}
+    if "corrupted" in frame and frame["corrupted"].nunique() == 2:
+        truth = frame["corrupted"].astype(bool)
+        hits = int((flagged & truth).sum())
+        top = frame["score"].rank(ascending=False, method="first") <= truth.sum()
+        result.update(corrupted=int(truth.sum()), precision=hits / max(int(flagged.sum()), 1), recall=hits / int(truth.sum()),
+                      precision_at_corrupted_count=float((top & truth).sum() / truth.sum()),
+                      auroc=float(roc_auc_score(truth, frame["score"])), average_precision=float(average_precision_score(truth, frame["score"])))
+    return result
+
+
+def image_grid(suspects: list[tuple[int, object]], rows: list[dict], path: Path) -> None:
+    columns = 8
+    lines = -(-len(suspects) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(2.2 * columns, 2.6 * lines), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (index, image) in zip(axes.flat, suspects):
+        row = rows[index]
+        axis.imshow(image)
+        mark = {True: " ✗ corrupted", False: " ✓ clean"}.get(row.get("corrupted"), "")
+        axis.set_title(f"{row['score']:.3f}{mark}\n" + "\n".join(textwrap.wrap(row["caption"], 26)[:3]), fontsize=7)
+    figure.suptitle("most suspect pairs (doubt score, caption)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run the audit that ``cfg`` (conf/audit.yaml) describes, writing into ``out_dir``; returns audit.json's content."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip = load_checkpoint(cfg.ckpt)
+    datamodule = instantiate(cfg.data, transform=clip.eval_transform, tokenizer=clip.tokenizer)
+    datamodule.prepare_data()
+    stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
+    auditor = Auditor(clip, torch.device(cfg.device), cfg.tau)
+    frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.reference_size, cfg.limit, cfg.grid)
+    frame.to_csv(out_dir / "scores.csv", index=False)
+    frame.head(cfg.top_k).to_csv(out_dir / "suspects.csv", index=False)
+    image_grid(suspects, rows, out_dir / "suspects.png")
+    result = {"ckpt": str(cfg.ckpt), "shards": datamodule.train_shards, "tau": cfg.tau, "logit_scale": auditor.scale,
+              "reference_size": min(cfg.reference_size, len(frame)), **quality(frame, cfg.threshold)}
+    (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
+    figures = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards"))
+    print(f"audit: {figures}\nwritten to {out_dir} (scores.csv, suspects.csv, suspects.png, audit.json)")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="audit")
+def main(cfg: DictConfig) -> None:
+    audit(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

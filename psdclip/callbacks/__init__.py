@@ -1,0 +1,1 @@
+"""Lightning callbacks for watching a run: progress reporting and media (heatmaps, confusion matrix, retrieval)."""

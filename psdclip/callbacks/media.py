@@ -1,0 +1,214 @@
+"""Pictures of a run: the batch similarity and soft-target matrices every N steps; after training the zero-shot
+confusion matrix, retrieval tables with the top matches for a few queries, and the final metrics as the W&B summary.
+
+Media go to W&B (images, interactive confusion matrix, tables) and TensorBoard when those loggers are chosen, and
+always as PNG/Markdown files under ``save_dir`` so CSV-only runs have them too.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from psdclip.data.sources import expand_shards
+from psdclip.eval.zeroshot import classifier_weights
+from psdclip.loss import soft_targets
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSamples:
+    """A few labelled, captioned evaluation images: model inputs, originals for display, labels, one caption each."""
+
+    images: torch.Tensor
+    originals: list[Image.Image]
+    labels: torch.Tensor
+    captions: list[str]
+    classnames: list[str]
+    templates: list[str]
+
+
+class EmbeddedEvalSamples:
+    """The first ``limit`` images of the embedded Fashion-MNIST test split, with their clean captions."""
+
+    name = "fashion_mnist"
+
+    def __init__(self, source_dir: str, cache_dir: str, limit: int = 1000):
+        from psdclip.data.embedded import CLASSNAMES, RESOURCES, FashionMNISTShards
+
+        self.split = FashionMNISTShards("test", source_dir, cache_dir)
+        self.classnames, self.limit = CLASSNAMES, limit
+        self.templates = [line.strip() for line in (RESOURCES / "zeroshot_classification_templates.txt").read_text().splitlines() if line.strip()]
+
+    def load(self, transform) -> EvalSamples:
+        self.split.ensure()
+        samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(self.split.pattern)), wds.tarfile_to_samples(),
+                                   wds.decode("pil"), wds.to_tuple("png", "cls", "json"), wds.slice(self.limit))
+        originals, labels, captions = [], [], []
+        for image, label, meta in samples:
+            originals.append(image.convert("RGB"))
+            labels.append(int(label))
+            captions.append(meta["captions"][0])
+        return EvalSamples(torch.stack([transform(image) for image in originals]), originals, torch.tensor(labels), captions,
+                           self.classnames, self.templates)
+
+
+class MediaCallback(L.Callback):
+    """Logs the media described in the module docstring (rank 0 only).
+
+    Args:
+        every_n_steps: heatmaps after optimiser steps 1, 1 + n, 1 + 2n, …
+        max_pairs: the heatmaps show the first ``max_pairs`` pairs of the batch (their targets are computed on the
+            whole batch, with the step's real distillation subset D).
+        eval_samples: labelled captioned images for the confusion matrix and retrieval tables (None: skip them).
+        queries, top_k: retrieval tables show ``top_k`` matches for each of ``queries`` queries per direction.
+        save_dir: folder for the PNG/Markdown copies.
+    """
+
+    def __init__(self, every_n_steps: int = 200, max_pairs: int = 32, eval_samples: EmbeddedEvalSamples | None = None,
+                 queries: int = 4, top_k: int = 5, eval_batch_size: int = 500, save_dir: str | None = None):
+        self.every_n_steps, self.max_pairs = every_n_steps, max_pairs
+        self.eval_samples, self.queries, self.top_k, self.eval_batch_size = eval_samples, queries, top_k, eval_batch_size
+        self.save_dir = Path(save_dir) if save_dir else None
+
+    # ---- publishing -------------------------------------------------------------------------------------------
+    def _figure(self, loggers: list, key: str, figure, step: int) -> None:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key, [figure], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(key, figure, global_step=step, close=False)
+        if self.save_dir:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            figure.savefig(self.save_dir / f"{key.replace('/', '_')}_step{step:07d}.png", dpi=100)
+        plt.close(figure)
+
+    def _table(self, trainer: L.Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """``rows`` may hold PIL images: W&B shows them; the Markdown copies list the text columns only."""
+        text_columns = [i for i, value in enumerate(rows[0]) if not isinstance(value, Image.Image)]
+        lines = ["| " + " | ".join(columns[i] for i in text_columns) + " |", "|" + "---|" * len(text_columns)]
+        lines += ["| " + " | ".join(str(row[i]) for i in text_columns) + " |" for row in rows]
+        markdown = "\n".join(lines)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                cells = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in row] for row in rows]
+                logger.log_table(key, columns=columns, data=cells, step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(key, markdown, global_step=step)
+        if self.save_dir:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / f"{key.replace('/', '_')}.md").write_text(markdown + "\n")
+
+    # ---- every N steps: what the loss sees ----------------------------------------------------------------------
+    @torch.no_grad()
+    def batch_matrices(self, pl_module, batch) -> dict[str, torch.Tensor]:
+        """Student logits, targets and the subset D of this rank's batch, as the loss of the step just taken saw them."""
+        images, texts = batch
+        was_training = pl_module.training
+        pl_module.eval()  # no BatchNorm statistics updates from this extra pass
+        outputs = pl_module.model(images, texts)
+        teacher = pl_module.teacher(images, texts) if pl_module.teacher is not None else outputs
+        pl_module.train(was_training)
+        loss, trainer = pl_module.loss, pl_module.trainer
+        step = trainer.global_step - 1
+        alpha = loss.schedule(step, trainer.estimated_stepping_batches)
+        n = len(images)
+        logits = outputs["logit_scale"].float() * outputs["image_features"].float() @ outputs["text_features"].float().T
+        teacher_logits = teacher["logit_scale"].float() * teacher["image_features"].float() @ teacher["text_features"].float().T
+        # this rank's pairs are the first n of the global batch on rank 0, where media are logged
+        distill = loss.distill_mask(n * trainer.world_size, alpha, step)[:n].to(logits.device)
+        own = torch.arange(n, device=logits.device)
+        targets = F.one_hot(own, n).float()
+        if distill.any():
+            targets[distill] = soft_targets(teacher_logits[distill], own[distill], distill, loss.scope, loss.tau_teacher, loss.mix)[0]
+        return {"logits": logits, "targets": targets, "distill": distill, "alpha": torch.tensor(alpha)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero or (trainer.global_step - 1) % self.every_n_steps:
+            return
+        matrices = self.batch_matrices(pl_module, batch)
+        k = min(self.max_pairs, len(matrices["distill"]))
+        distill = matrices["distill"][:k].cpu()
+        title = f"step {trainer.global_step}, alpha {float(matrices['alpha']):.3f}, first {k} pairs (D rows marked)"
+        for key, matrix, label in (("media/similarity", matrices["logits"], "logit"), ("media/soft_targets", matrices["targets"], "target mass")):
+            self._figure(trainer.loggers, key, heatmap(matrix[:k, :k].cpu().numpy(), distill.numpy(), title, label), trainer.global_step)
+
+    # ---- after training: zero-shot confusion matrix, retrieval examples, summary --------------------------------
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.eval_samples is None or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        data = self.eval_samples.load(pl_module.eval_transform)
+        device, name, step = pl_module.device, self.eval_samples.name, trainer.global_step
+        image_features = torch.cat([pl_module.encode_image(chunk.to(device)).float().cpu() for chunk in data.images.split(self.eval_batch_size)])
+        weights = classifier_weights(pl_module.encode_text, pl_module.tokenizer, data.classnames, data.templates, device).cpu()
+        text_features = torch.cat([pl_module.encode_text(pl_module.tokenizer(data.captions[i : i + self.eval_batch_size]).to(device)).float().cpu()
+                                   for i in range(0, len(data.captions), self.eval_batch_size)])
+        pl_module.train(was_training)
+        predictions = (image_features @ weights.T).argmax(dim=1)
+        self._confusion(trainer, f"eval/{name}/confusion_matrix", data.labels, predictions, data.classnames, step)
+        similarity = text_features @ image_features.T
+        text_rows, image_rows = [], []
+        for query in range(min(self.queries, len(data.captions))):
+            for rank, match in enumerate(similarity[query].topk(min(self.top_k, len(data.labels))).indices.tolist()):
+                text_rows.append([data.captions[query], rank + 1, data.originals[match], data.classnames[data.labels[match]],
+                                  bool(data.labels[match] == data.labels[query])])
+            for rank, match in enumerate(similarity[:, query].topk(min(self.top_k, len(data.captions))).indices.tolist()):
+                image_rows.append([data.originals[query], data.classnames[data.labels[query]], rank + 1, data.captions[match],
+                                   bool(data.labels[match] == data.labels[query])])
+        self._table(trainer, f"eval/{name}/retrieval_text_to_image", ["query", "rank", "image", "class", "same_class"], text_rows, step)
+        self._table(trainer, f"eval/{name}/retrieval_image_to_text", ["image", "class", "rank", "caption", "same_class"], image_rows, step)
+
+    def _confusion(self, trainer, key: str, labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str], step: int) -> None:
+        counts = np.zeros((len(classnames), len(classnames)), dtype=np.int64)
+        np.add.at(counts, (labels.numpy(), predictions.numpy()), 1)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({key: wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=predictions.tolist(),
+                                                                        class_names=classnames), "trainer/global_step": step})
+        figure, axis = plt.subplots(figsize=(7, 6))
+        image = axis.imshow(counts, cmap="Blues")
+        axis.set(xticks=range(len(classnames)), yticks=range(len(classnames)), xlabel="predicted", ylabel="true",
+                 title=f"zero-shot confusion ({len(labels)} images, top-1 {np.trace(counts) / counts.sum():.3f})")
+        axis.set_xticklabels(classnames, rotation=60, ha="right")
+        axis.set_yticklabels(classnames)
+        figure.colorbar(image)
+        figure.tight_layout()
+        # W&B has the interactive chart; the picture goes to TensorBoard and the files
+        self._figure([lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)], key, figure, step)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # runs after every callback's on_train_end, so the evaluation metrics are in (summary.json has them for CSV runs)
+        final = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("eval/")}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.summary.update({**final, "final/global_step": trainer.global_step})
+
+
+def heatmap(matrix: np.ndarray, marked_rows: np.ndarray, title: str, label: str):
+    figure, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(matrix, cmap="viridis")
+    axis.set(xlabel="caption", ylabel="image", title=title)
+    axis.title.set_fontsize(9)
+    axis.set_yticks(range(len(matrix)), ["D" if marked else "" for marked in marked_rows], fontsize=6)
+    figure.colorbar(image, label=label)
+    figure.tight_layout()
+    return figure

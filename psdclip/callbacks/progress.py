@@ -1,0 +1,72 @@
+"""Progress: Lightning's rich bar in a terminal, one log line every few steps elsewhere (batch jobs, CI, log files)."""
+
+import logging
+import sys
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+log = logging.getLogger(__name__)
+
+# ThroughputMonitor's figures: all ranks (logged when world_size > 1), else this device
+SAMPLES_PER_SEC = ("train/samples_per_sec", "train/device/samples_per_sec")
+
+
+def short_metrics(trainer, metrics: dict) -> dict:
+    """Progress-bar metrics without the ``train/`` prefix, plus samples/s once ThroughputMonitor has measured it."""
+    shown = {name.removeprefix("train/"): value for name, value in metrics.items()}
+    rate = next((trainer.logged_metrics[key] for key in SAMPLES_PER_SEC if key in trainer.logged_metrics), None)
+    if rate is not None:
+        shown["samples/s"] = float(rate)
+    return shown
+
+
+class RichProgress(RichProgressBar):
+    """The rich bar showing loss, alpha (the current distillation ratio) and samples/s."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return short_metrics(trainer, super().get_metrics(trainer, pl_module))
+
+
+class LogProgress(ProgressBar):
+    """A plain progress report: one INFO line every ``every_n_steps`` optimiser steps and at each epoch's end."""
+
+    def __init__(self, every_n_steps: int = 50):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _report(self, trainer, pl_module, where: str) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        metrics = short_metrics(trainer, self.get_metrics(trainer, pl_module))
+        figures = "  ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items())
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        log.info("epoch %d  step %d/%d  %s  %s", trainer.current_epoch, trainer.global_step, total, where, figures)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._report(trainer, pl_module, "")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "(epoch end)")
+
+
+def progress_bar(enabled: bool = True, style: str = "auto", every_n_steps: int = 50) -> ProgressBar | None:
+    """The progress reporter for this process: ``style`` ``rich``, ``log``, or ``auto`` (rich when stdout is a terminal).
+
+    Returns None when ``enabled`` is false, as Lightning refuses a progress-bar callback with ``enable_progress_bar=False``.
+    """
+    styles = ("auto", "rich", "log")
+    if style not in styles:
+        raise ValueError(f"unknown progress style {style!r}; choose one of {styles}")
+    if not enabled:
+        return None
+    if style == "rich" or (style == "auto" and sys.stdout.isatty()):
+        return RichProgress()
+    return LogProgress(every_n_steps)

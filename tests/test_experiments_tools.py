@@ -1,0 +1,240 @@
+"""Experiment tooling: W&B offline runs read back from their files, progress reporters, sweeps + psdclip.report,
+the noisy-caption study, and the noisy-pair audit."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+
+from psdclip.audit import doubt, quality
+from psdclip.callbacks.progress import LogProgress, progress_bar
+from psdclip.loggers import git_state
+from psdclip.report import parse_overrides, swept_keys, Job
+from psdclip.study import aggregate, parse
+from psdclip.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.batch_size=32", "data.num_workers=0", "data.shard_size=100", "trainer.enable_progress_bar=false",
+        "callbacks.media.eval_samples.limit=40", "callbacks.throughput.window_size=2"]
+
+
+def tiny_paths(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
+    return [f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'logs'}"]
+
+
+def wandb_records(path: Path):
+    """Records of a W&B ``.wandb`` file: a 7-byte header, then LevelDB-log chunks (crc32, length, type) in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    pos, parts = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        body, pos = data[pos + header : pos + header + length], pos + header + length
+        if kind == 0:
+            continue
+        parts = body if kind in (1, 2) else parts + body  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def item_keys(items) -> set[str]:
+    return {item.key or "/".join(item.nested_key) for item in items}
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = train(train_cfg("logger=wandb", "tags=[unit]", "trainer.max_steps=3", "callbacks.media.every_n_steps=2",
+                              "callbacks.media.eval_samples.limit=40"))
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history, summary, config, runs = set(), {}, set(), []
+    for record in wandb_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history |= item_keys(record.history.item)
+        elif kind == "summary":
+            summary.update({item.key: item.value_json for item in record.summary.update if item.key})
+        elif kind == "config":
+            config |= item_keys(record.config.update)
+        elif kind == "run":
+            runs.append(record.run)
+    scalars = {f"train/{name}" for name in ("loss", "loss_hard", "loss_soft", "alpha", "distill_count", "soft_target_entropy",
+                                            "soft_target_diagonal", "logit_scale")}
+    assert scalars | {"lr-AdamW/pg1", "train/device/samples_per_sec", "eval/fashion_mnist/zeroshot_top1"} <= history
+    media = {"media/similarity/_type", "media/soft_targets/_type", "eval/fashion_mnist/confusion_matrix_table/_type",
+             "eval/fashion_mnist/retrieval_text_to_image/_type", "eval/fashion_mnist/retrieval_image_to_text/_type"}
+    assert media <= history
+    assert {"model", "loss", "data", "optim", "trainer", "git"} <= config
+    assert float(summary["eval/fashion_mnist/zeroshot_top1"]) == pytest.approx(metrics["eval/fashion_mnist/zeroshot_top1"])
+    assert int(summary["final/global_step"]) == 3
+    assert runs[0].project == "psdclip" and list(runs[0].tags) == ["unit"] and runs[0].job_type == "train"
+    # the same media as files, for CSV/TensorBoard users
+    saved = {p.name for p in (tmp_path / "run" / "media").iterdir()}
+    assert {"media_similarity_step0000001.png", "media_soft_targets_step0000003.png",
+            "eval_fashion_mnist_confusion_matrix_step0000003.png", "eval_fashion_mnist_retrieval_text_to_image.md"} <= saved
+
+
+def test_git_state_names_this_checkout_commit():
+    state = git_state(ROOT)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert state["commit"] == head and isinstance(state["dirty"], bool)
+    assert git_state("/") == {}
+
+
+def test_progress_reporter_follows_the_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert isinstance(progress_bar(style="auto"), RichProgressBar)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    reporter = progress_bar(style="auto", every_n_steps=7)
+    assert isinstance(reporter, LogProgress) and reporter.every_n_steps == 7
+    assert progress_bar(enabled=False) is None
+    with pytest.raises(ValueError, match="unknown progress style 'fancy'"):
+        progress_bar(style="fancy")
+
+
+@pytest.mark.slow
+def test_log_progress_reports_loss_alpha_and_samples_per_second(train_cfg, caplog):
+    caplog.set_level("INFO", logger="psdclip.callbacks.progress")
+    train(train_cfg("trainer.enable_progress_bar=true", "callbacks.progress.style=log", "callbacks.progress.every_n_steps=2",
+                    "trainer.max_steps=4", "callbacks.media.eval_samples=null"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "psdclip.callbacks.progress"]
+    assert any("step 4/4" in line for line in lines), lines
+    assert all("loss" in line and "alpha" in line for line in lines)
+    assert any("samples/s" in line for line in lines)
+
+
+def test_overrides_parse_to_typed_values_and_swept_keys_are_those_that_vary():
+    overrides = parse_overrides(["loss.alpha_max=0.25", "seed=1", "loss=clip", "+extra=x", "~callbacks.media"])
+    assert overrides == {"loss.alpha_max": 0.25, "seed": 1, "loss": "clip", "extra": "x"}
+    jobs = [Job(Path(str(i)), {"a": i, "b": 1, "c": "x" if i else "y"}, {}) for i in range(3)]
+    assert swept_keys(jobs) == ["a", "c"]
+
+
+@pytest.mark.slow
+def test_two_point_multirun_and_report_write_table_and_plot(fashion_mnist_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2",
+               *tiny_paths(fashion_mnist_dir, tmp_path), *TINY]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "psdclip.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(sweep / "report.csv")
+    assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
+    summaries = [json.loads((sweep / str(i) / "checkpoints" / "summary.json").read_text()) for i in range(2)]
+    metric = "eval/fashion_mnist/zeroshot_top1"
+    assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
+    assert "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric is tabulated
+    markdown = (sweep / "report.md").read_text()
+    assert "| job | loss.alpha_max |" in markdown and markdown.count("\n| ") == 3
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_refuses_folders_without_jobs_and_unknown_metrics(tmp_path):
+    from psdclip.report import report
+
+    with pytest.raises(FileNotFoundError, match="no Hydra jobs"):
+        report(tmp_path)
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    with pytest.raises(FileNotFoundError, match="none has summary.json"):
+        report(tmp_path)
+    (job / "checkpoints").mkdir()
+    (job / "checkpoints" / "summary.json").write_text(json.dumps({"metrics": {"eval/x/top1": 0.5}}))
+    with pytest.raises(ValueError, match="'eval/nope' was not measured"):
+        report(tmp_path, metric="eval/nope")
+
+
+def test_study_arguments_split_into_settings_and_train_overrides():
+    settings, overrides, quick = parse(["noise=0,0.5", "seeds=2", "trainer.max_epochs=2", "--quick"])
+    assert settings["noise"] == "0,0.5" and settings["seeds"] == "2" and settings["methods"] == "clip,psd"
+    assert overrides == ["trainer.max_epochs=2"] and quick
+    with pytest.raises(SystemExit):
+        parse(["seeds=zero"])
+
+
+def test_study_aggregate_gives_mean_std_and_difference():
+    runs = pd.DataFrame({"method": ["clip", "clip", "psd", "psd"], "noise": [0.4] * 4, "seed": [0, 1, 0, 1], "m": [0.5, 0.7, 0.6, 0.8]})
+    row = aggregate(runs, ["m"]).iloc[0]
+    assert row["clip"] == "0.6000 ± 0.1414 (n=2)" and row["psd"] == "0.7000 ± 0.1414 (n=2)" and row["psd − clip"] == "+0.1000"
+
+
+@pytest.mark.slow
+def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "psdclip.study", "--quick", "noise=0,0.5", "seeds=2", f"out={out}", *tiny_paths(fashion_mnist_dir, tmp_path),
+               "data.shard_size=100", "callbacks.media.eval_samples.limit=40"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = pd.read_csv(out / "study.csv")
+    assert sorted(zip(runs["method"], runs["noise"], runs["seed"])) == sorted(
+        (m, n, s) for m in ("clip", "psd") for n in (0.0, 0.5) for s in (0, 1))
+    table = (out / "study.md").read_text()
+    assert "eval/fashion_mnist/zeroshot_top1" in table and "(n=2)" in table and "psd − clip" in table
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_doubt_is_zero_for_the_favourite_caption_and_follows_the_soft_target_ratio():
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.6, 0.8, 0]])  # pair 2's caption is closer to image 1 than to image 2
+    i2t, t2i = doubt(image, text, image, text, scale=10.0, tau=2.0)
+    assert i2t[:2].tolist() == [0.0, 0.0] and t2i[0] == 0.0
+    # image 2 scores every caption 0: its own is as good as any, so no doubt; caption 2 prefers image 1 (0.8 vs 0)
+    assert i2t[2] == 0.0
+    assert t2i[2].item() == pytest.approx(1 - torch.exp(torch.tensor(10.0 * (0.0 - 0.8) / 2.0)).item())
+    assert t2i[1].item() == 0.0
+
+
+def test_audit_quality_against_known_corruption():
+    frame = pd.DataFrame({"score": [0.9, 0.8, 0.6, 0.2, 0.1], "corrupted": [True, False, True, False, False]})
+    result = quality(frame, threshold=0.5)
+    assert result["flagged"] == 3 and result["precision"] == pytest.approx(2 / 3) and result["recall"] == 1.0
+    assert result["auroc"] == pytest.approx(5 / 6) and result["precision_at_corrupted_count"] == 0.5
+    assert "auroc" not in quality(frame.drop(columns="corrupted"), 0.5)
+
+
+@pytest.mark.slow
+def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_dir, tmp_path):
+    # a tiny model learns the synthetic classes (a bright band per class) from clean captions …
+    train(train_cfg("loss=clip", "data.noise=0", "trainer.max_epochs=100", "trainer.max_steps=60", "optim.lr=3e-3",
+                    "optim.warmup_steps=5", "callbacks.media.eval_samples=null"))
+    # … then audits the same images with 30% of the captions naming a wrong class
+    command = [sys.executable, "-m", "psdclip.audit", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "data.noise=0.3",
+               "data.shard_size=100", *tiny_paths(fashion_mnist_dir, tmp_path), f"hydra.run.dir={tmp_path / 'audit'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["pairs"] == 320 and 60 <= report["corrupted"] <= 130
+    assert report["auroc"] > 0.75, report
+    scores = pd.read_csv(tmp_path / "audit" / "scores.csv")
+    assert len(scores) == 320 and scores["score"].is_monotonic_decreasing
+    assert list(scores.columns[:4]) == ["shard", "key", "caption", "score"]
+    suspects = pd.read_csv(tmp_path / "audit" / "suspects.csv")
+    assert len(suspects) == 100 and suspects["corrupted"].head(20).mean() > 0.8
+    assert (tmp_path / "audit" / "suspects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    from psdclip.audit import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="not a psdclip training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.ckpt")
