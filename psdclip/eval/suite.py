@@ -61,7 +61,8 @@ class EvalSuite:
         for name, dataset in self.datasets.items():
             tasks = [task for task in self.tasks if task in dataset.tasks]
             if not tasks:
-                log.info("%s: none of %s applies; skipped", name, self.tasks)
+                log.warning("%s (%s) supports none of %s (zero-shot needs a templates file, the linear probe a train split); skipped",
+                            name, dataset.root, self.tasks)
                 continue
             test = self.features(model, dataset, "test", runtime, with_captions="retrieval" in tasks)
             for task in tasks:
