@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from omegaconf import ListConfig
 from PIL import Image
 
 from psdclip.data.writer import encode_image
@@ -68,7 +69,8 @@ def make_image_folder(root: Path, per_class: int = 4) -> Path:
 def checkpoint(tmp_path_factory) -> Path:
     """A random tiny model saved the way train.py saves it."""
     torch.manual_seed(0)
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"))
+    # hyperparameters as OmegaConf containers, as train.py passes them
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98]))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"

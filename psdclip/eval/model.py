@@ -30,7 +30,8 @@ def load_checkpoint(path: str | Path) -> CLIPEncoders:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # train.py's hyperparameters are OmegaConf containers, which weights_only loading refuses: load only trusted files
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     name = checkpoint.get("hyper_parameters", {}).get("model_name")
     if name is None:
         raise ValueError(f"{path} has no hyper_parameters.model_name: not a psdclip training checkpoint "
