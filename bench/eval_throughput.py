@@ -7,9 +7,13 @@ logits, metrics). Aim: the metric code adds under 5% to feature extraction.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's psdclip, not an installed one
 
 from psdclip.eval.datasets import FashionMNISTEvalSet
 from psdclip.eval.model import load_encoders
@@ -19,7 +23,7 @@ from psdclip.eval.suite import EvalSuite
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fashion-mnist-dir", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--cache-dir", default=str(__import__("pathlib").Path.home() / ".cache/psdclip"))
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/psdclip"))
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up run; the best is reported")
