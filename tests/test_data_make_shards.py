@@ -74,7 +74,7 @@ def test_train_on_cc3m_config_reports_bad_data(tmp_path):
     _, expected = write_bad_set(tmp_path / "root" / "cc3m")
     run = subprocess.run(
         [sys.executable, "train.py", "data=cc3m", f"paths.data_root={tmp_path / 'root'}", "model=vit_tiny",
-         "trainer.max_epochs=1", "data.batch_size=8", "data.num_workers=2", "~callbacks.zeroshot",
+         "trainer.max_epochs=1", "data.batch_size=8", "data.num_workers=2", "~callbacks.evaluation",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

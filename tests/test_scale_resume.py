@@ -52,7 +52,7 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=[
             f"paths.log_dir={tmp}/logs", f"paths.output_dir={tmp}/logs/train/runs/{name}", f"paths.cache_dir={tmp}/cache",
-            f"paths.fashion_mnist_dir={fashion}", "~callbacks.zeroshot", f"trainer.max_steps={STEPS}",
+            f"paths.fashion_mnist_dir={fashion}", "~callbacks.evaluation", f"trainer.max_steps={STEPS}",
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.batch_size=32",
             "data.num_workers=0", "data.shuffle_buffer=64", "optim.warmup_steps=3",
             f"callbacks.model_checkpoint.every_n_train_steps={EVERY}", "loss.teacher=ema", "loss.ema_decay=0.9",

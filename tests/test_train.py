@@ -55,7 +55,7 @@ def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
         sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25",
         f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.log_dir={tmp_path / 'logs'}", "data.batch_size=32", "data.num_workers=0", "data.shard_size=100",
-        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.zeroshot.batch_size=50",
+        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "evaluation.batch_size=50",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

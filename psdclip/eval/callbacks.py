@@ -1,44 +1,38 @@
-"""Lightning callbacks that evaluate the model's encoders during and after training."""
+"""The Lightning callback that runs the evaluation suite during and after training."""
 
 import logging
 
 import lightning as L
 import torch
 
-from psdclip.eval.datasets import ClassificationSet, image_features
-from psdclip.eval.zeroshot import classification_metrics, classifier_weights
+from psdclip.eval.features import Runtime
+from psdclip.eval.suite import EvalSuite, write_results
 
 log = logging.getLogger(__name__)
 
 
-class ZeroShotCallback(L.Callback):
-    """Zero-shot classification on each dataset at the end of training (and every ``every_n_epochs``).
+class EvaluationCallback(L.Callback):
+    """Runs ``suite`` at the end of training (and every ``every_n_epochs``) on every rank, each encoding its share.
 
-    Metrics go to every logger as ``eval/<dataset>/<metric>`` and into ``trainer.callback_metrics``,
-    where ``train.py`` reads the metric it returns to sweepers.
+    Metrics go to every logger as ``eval/<dataset>/<metric>``, into ``trainer.callback_metrics`` (where ``train.py``
+    reads the metric it returns to sweepers) and, from rank 0, to ``results_file`` as JSON.
     """
 
-    def __init__(self, datasets: dict[str, ClassificationSet], batch_size: int = 500, num_workers: int = 0, every_n_epochs: int | None = None):
-        self.datasets, self.batch_size, self.num_workers = datasets, batch_size, num_workers
-        self.every_n_epochs = every_n_epochs
+    def __init__(self, suite: EvalSuite, every_n_epochs: int | None = None, results_file: str | None = None):
+        self.suite, self.every_n_epochs, self.results_file = suite, every_n_epochs, results_file
         self.results: dict[str, float] = {}
 
-    @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        results = {}
-        for dataset in self.datasets.values():
-            loader = dataset.loader(pl_module.eval_transform, self.batch_size, self.num_workers)
-            with trainer.precision_plugin.forward_context():
-                features, labels = image_features(pl_module.encode_image, loader, pl_module.device)
-                weights = classifier_weights(pl_module.encode_text, pl_module.tokenizer, dataset.classnames, dataset.templates, pl_module.device)
-            for metric, value in classification_metrics(features @ weights.cpu().T, labels).items():
-                results[f"eval/{dataset.name}/zeroshot_{metric}"] = value
+        runtime = Runtime(pl_module.device, trainer.precision_plugin.forward_context, trainer.global_rank, trainer.world_size, pl_module.all_gather)
+        results = self.suite.run(pl_module, runtime)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(results, step=trainer.global_step)
+            if self.results_file:
+                write_results(self.results_file, results, step=trainer.global_step, epoch=trainer.current_epoch)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in results.items()})
         self.results = results
         return results

@@ -1,30 +1,62 @@
-"""Labelled evaluation sets in CLIP_benchmark's webdataset layout (``cls`` + image per sample)."""
+"""Evaluation sets: CLIP_benchmark's webdataset layout, plain image folders, and the embedded Fashion-MNIST.
 
-from collections.abc import Callable
+Every set streams batches of ``(images, labels, captions)`` for a split (``captions``: one list per image, empty
+where there are none; ``labels``: -1 where there are none), restricted to one rank's share under DDP, and says
+which tasks it supports.
+"""
+
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from torchvision.datasets import ImageFolder
 
 from psdclip.data.sources import expand_shards
+
+log = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).parent / "resources"
+IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
+Batch = tuple[torch.Tensor, torch.Tensor, list[list[str]]]
 
 
 def read_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"evaluation file is empty: {path}")
+    return lines
 
 
-class ClassificationSet:
-    """Shards of (image, class id) with the class names and zero-shot templates that belong to them."""
+def resolve_file(name: str | Path | None, default: Path) -> Path:
+    """``name`` as given, or a file shipped in ``psdclip/eval/resources`` when ``name`` is a bare file name found there."""
+    if name is None:
+        return default
+    path = Path(name)
+    if not path.exists() and path.name == str(name) and (RESOURCES / path).is_file():
+        return RESOURCES / path
+    return path
 
-    def __init__(self, name: str, shards: str, classnames_file: str, templates_file: str,
-                 image_key: str = "jpg;jpeg;png;webp", label_key: str = "cls"):
-        self.name, self.shards = name, shards
-        self.classnames_file, self.templates_file = classnames_file, templates_file
-        self.image_key, self.label_key = image_key, label_key
+
+def collate(samples: list[tuple]) -> Batch:
+    images, labels, captions = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(captions)
+
+
+class EvalSet:
+    """What every evaluation set offers; subclasses implement ``batches`` and say which splits exist."""
+
+    root: Path
+    classnames_file: Path | None = None
+    templates_file: Path | None = None
+    retrieval = False
 
     @property
     def classnames(self) -> list[str]:
@@ -34,41 +66,143 @@ class ClassificationSet:
     def templates(self) -> list[str]:
         return read_lines(self.templates_file)
 
-    def loader(self, transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(expand_shards(self.shards)),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-            wds.decode("pilrgb"),
-            wds.to_tuple(self.image_key, self.label_key),
-            wds.map_tuple(transform, int),
-            wds.batched(batch_size, partial=True),
-        )
+    def has_split(self, split: str) -> bool:
+        raise NotImplementedError
+
+    @property
+    def tasks(self) -> set[str]:
+        if self.retrieval:
+            return {"retrieval"}
+        tasks = {"zeroshot"} if self.templates_file and self.templates_file.is_file() else set()
+        return tasks | ({"linear_probe"} if self.has_split("train") else set())
+
+    def batches(self, split: str, transform: Callable, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Iterable[Batch]:
+        raise NotImplementedError
+
+
+class WdsEvalSet(EvalSet):
+    """A folder in CLIP_benchmark's webdataset layout::
+
+        root/{test,train}/*.tar   samples: an image (webp/png/jpg/jpeg) and ``cls``, or for retrieval ``txt``
+                                  with one caption per line
+        root/classnames.txt, root/zeroshot_classification_templates.txt (templates use ``{c}``)
+        root/dataset_type.txt     "retrieval" for image–text sets (or set ``retrieval``)
+    """
+
+    def __init__(self, root: str, classnames_file: str | None = None, templates_file: str | None = None, retrieval: bool | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"evaluation dataset folder not found: {self.root}")
+        self.classnames_file = resolve_file(classnames_file, self.root / "classnames.txt")
+        self.templates_file = resolve_file(templates_file, self.root / "zeroshot_classification_templates.txt")
+        type_file = self.root / "dataset_type.txt"
+        self.retrieval = retrieval if retrieval is not None else type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
+
+    def has_split(self, split: str) -> bool:
+        return (self.root / split).is_dir()
+
+    def shards(self, split: str) -> list[str]:
+        folder = self.root / split
+        shards = sorted(folder.glob("*.tar"), key=lambda p: (len(p.stem), p.stem)) if folder.is_dir() else []
+        if not shards:
+            raise FileNotFoundError(f"no {split} shards (*.tar) in {folder}")
+        return [str(shard) for shard in shards]
+
+    def _sample(self, transform: Callable) -> Callable:
+        def convert(sample: dict) -> tuple:
+            key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if key is None:
+                raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no image ({'/'.join(IMAGE_KEYS)})")
+            captions = sample.get("txt", "").splitlines() if self.retrieval else []
+            return transform(sample[key]), int(sample.get("cls", -1)), [c for c in captions if c.strip()]
+        return convert
+
+    def pipeline(self, shards: list[str], transform: Callable, batch_size: int, rank: int, world_size: int, keep: Callable | None = None) -> wds.DataPipeline:
+        stages = [wds.SimpleShardList(shards[rank::world_size] if len(shards) >= world_size else shards), wds.split_by_worker, wds.tarfile_to_samples()]
+        if len(shards) < world_size:  # too few shards to give each rank its own: split samples instead
+            stages.append(wds.select(lambda s: zlib.crc32(f"{s['__url__']}/{s['__key__']}".encode()) % world_size == rank))
+        if keep is not None:
+            stages.append(wds.select(keep))
+        stages += [wds.decode("pilrgb"), wds.map(self._sample(transform)), wds.batched(batch_size, collation_fn=collate, partial=True)]
+        return wds.DataPipeline(*stages)
+
+    def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
+        pipeline = self.pipeline(self.shards(split), transform, batch_size, rank, world_size)
         return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
 
 
-class EmbeddedClassificationSet(ClassificationSet):
-    """The Fashion-MNIST test split, written to the cache on first use."""
+class ImageFolderEvalSet(EvalSet):
+    """Plain image folders, ``root/[split/]class_name/*.jpg`` (torchvision's ImageFolder; classes in sorted order).
 
-    def __init__(self, source_dir: str, cache_dir: str, name: str = "fashion_mnist"):
-        from psdclip.data.embedded import RESOURCES, FashionMNISTShards
+    The test split is ``root/test`` when it exists, else ``root`` itself; ``root/train`` enables the linear probe.
+    Class names default to the folder names with underscores as spaces.
+    """
 
-        self._split = FashionMNISTShards("test", source_dir, cache_dir)
-        super().__init__(name, self._split.pattern, str(RESOURCES / "classnames.txt"),
-                         str(RESOURCES / "zeroshot_classification_templates.txt"), image_key="png")
+    def __init__(self, root: str, templates_file: str | None = None, classnames_file: str | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"evaluation dataset folder not found: {self.root}")
+        self.templates_file = resolve_file(templates_file, self.root / "zeroshot_classification_templates.txt")
+        self.classnames_file = resolve_file(classnames_file, self.root / "classnames.txt") if classnames_file else None
 
-    def loader(self, transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
-        self._split.ensure()
-        return super().loader(transform, batch_size, num_workers)
+    def folder(self, split: str) -> Path:
+        return self.root / split if (self.root / split).is_dir() or split != "test" else self.root
+
+    def has_split(self, split: str) -> bool:
+        return self.folder(split).is_dir()
+
+    @property
+    def classnames(self) -> list[str]:
+        folders = sorted(entry.name for entry in self.folder("test").iterdir() if entry.is_dir())
+        if self.classnames_file is None:
+            return [name.replace("_", " ") for name in folders]
+        names = read_lines(self.classnames_file)
+        if len(names) != len(folders):
+            raise ValueError(f"{self.classnames_file} lists {len(names)} class names but {self.folder('test')} has {len(folders)} class folders")
+        return names
+
+    def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
+        dataset = ImageFolder(str(self.folder(split)), transform=transform)
+        share = Subset(dataset, range(rank, len(dataset), world_size))
+        return DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda s: collate([(x, y, []) for x, y in s]))
 
 
-@torch.no_grad()
-def image_features(encode_image: Callable, loader: DataLoader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image features and labels of a whole loader."""
-    features, labels = [], []
-    for images, targets in loader:
-        features.append(torch.nn.functional.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
-        labels.append(torch.as_tensor(targets))
-    if not features:
-        raise ValueError("evaluation split is empty")
-    return torch.cat(features), torch.cat(labels)
+class FashionMNISTEvalSet(WdsEvalSet):
+    """The embedded Fashion-MNIST, from the cached shards the training data uses (written on first use).
+
+    test: zero-shot, linear-probe test and retrieval (the first ``retrieval_images`` test images, each with the
+    several clean captions written for it as positives — Flickr30k's test size by default). train: the first
+    ``train_samples`` images for the linear probe. ``train_noise`` only picks which cached train shards to read
+    (labels are the true classes whatever the caption noise); matching the training data's setting reuses them.
+    """
+
+    def __init__(self, source_dir: str, cache_dir: str, train_samples: int = 5000, retrieval_images: int = 1000, train_noise: float = 0.3):
+        from psdclip.data.embedded import RESOURCES as DATA_RESOURCES, FashionMNISTShards
+
+        self.splits = {"test": FashionMNISTShards("test", source_dir, cache_dir),
+                       "train": FashionMNISTShards("train", source_dir, cache_dir, noise=train_noise)}
+        self.root = Path(source_dir)
+        self.classnames_file = DATA_RESOURCES / "classnames.txt"
+        self.templates_file = DATA_RESOURCES / "zeroshot_classification_templates.txt"
+        self.train_samples, self.retrieval_images = train_samples, retrieval_images
+
+    @property
+    def tasks(self) -> set[str]:
+        return {"zeroshot", "linear_probe", "retrieval"}
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def _sample(self, transform: Callable) -> Callable:
+        def convert(sample: dict) -> tuple:
+            captions = sample["json"].get("captions", []) if int(sample["__key__"]) < self.retrieval_images else []
+            return transform(sample["png"]), int(sample["cls"]), captions
+        return convert
+
+    def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
+        shards = self.splits[split]
+        shards.ensure()
+        limit = self.train_samples if split == "train" else shards.num_samples
+        urls = expand_shards(shards.pattern)[: math.ceil(min(limit, shards.num_samples) / shards.shard_size)]
+        pipeline = self.pipeline(urls, transform, batch_size, rank, world_size, keep=lambda s: int(s["__key__"]) < limit)
+        return DataLoader(pipeline, batch_size=None, num_workers=num_workers)

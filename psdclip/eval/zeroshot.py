@@ -5,7 +5,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
+
+from psdclip.eval.ranking import first_positive_rank, hit_rate
+
+TEXT_BATCH = 256
 
 
 @torch.no_grad()
@@ -14,21 +17,24 @@ def classifier_weights(encode_text: Callable[[Tensor], Tensor], tokenizer: Calla
 
     Templates use ``{c}`` for the class name (CLIP_benchmark's convention).
     """
-    weights = []
-    for name in classnames:
-        tokens = tokenizer([template.format(c=name) for template in templates]).to(device)
-        embeddings = F.normalize(encode_text(tokens).float(), dim=-1)
-        weights.append(F.normalize(embeddings.mean(dim=0), dim=-1))
-    return torch.stack(weights)
+    texts = [template.format(c=name) for name in classnames for template in templates]
+    embeddings = torch.cat([F.normalize(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float(), dim=-1)
+                            for i in range(0, len(texts), TEXT_BATCH)])
+    return F.normalize(embeddings.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 
 def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """top-1, top-5 (with at least 5 classes) and mean per-class recall."""
+    """top-1, top-5 (with at least 5 classes) and mean per-class recall (the mean over classes present in ``labels``).
+
+    Ties go to the lower class index, as with ``argmax``.
+    """
     num_classes = logits.shape[1]
-    metrics = {
-        "top1": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
-        "mean_per_class_recall": multiclass_recall(logits, labels, num_classes, average="macro").item(),
-    }
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}); got {labels.min().item()}..{labels.max().item()}")
+    ranks = first_positive_rank(logits, F.one_hot(labels, num_classes).bool())
+    correct = (ranks == 0).float()
+    per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
+    metrics = {"top1": hit_rate(ranks, 1), "mean_per_class_recall": per_class[torch.unique(labels)].mean().item()}
     if num_classes >= 5:
-        metrics["top5"] = multiclass_accuracy(logits, labels, num_classes, average="micro", top_k=5).item()
+        metrics["top5"] = hit_rate(ranks, 5)
     return metrics

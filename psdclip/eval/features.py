@@ -1,0 +1,83 @@
+"""Features of one evaluation split, computed once (batched, no_grad, in the run's precision) and gathered from every rank."""
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TEXT_BATCH = 256
+
+
+@dataclass
+class Runtime:
+    """Where and how evaluation runs: device, precision context and, under DDP, the ranks to split work across.
+
+    ``all_gather`` is Lightning's (``LightningModule.all_gather`` / ``Fabric.all_gather``): it stacks each rank's
+    equally shaped tensor along a new first dimension.
+    """
+
+    device: torch.device = torch.device("cpu")
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    rank: int = 0
+    world_size: int = 1
+    all_gather: Callable[[Tensor], Tensor] | None = None
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Concatenate every rank's rows, in rank order (ranks may hold different numbers of rows)."""
+        if self.world_size == 1:
+            return tensor
+        sizes = self.all_gather(torch.tensor([len(tensor)], device=self.device)).flatten().tolist()
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        gathered = self.all_gather(padded.to(self.device)).cpu()
+        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+
+@dataclass
+class SplitFeatures:
+    """L2-normalised image features with their labels and, for retrieval, caption features with their image index."""
+
+    images: Tensor
+    labels: Tensor
+    texts: Tensor | None = None
+    text_to_image: Tensor | None = None
+
+
+@torch.no_grad()
+def encode_texts(model, texts: list[str], runtime: Runtime) -> Tensor:
+    """L2-normalised embeddings of ``texts``; each distinct string is encoded once."""
+    unique = list(dict.fromkeys(texts))
+    chunks = []
+    for start in range(0, len(unique), TEXT_BATCH):
+        with runtime.autocast():
+            chunks.append(F.normalize(model.encode_text(model.tokenizer(unique[start : start + TEXT_BATCH]).to(runtime.device)).float(), dim=-1).cpu())
+    embeddings = torch.cat(chunks) if chunks else torch.zeros(0, 0)
+    position = {text: i for i, text in enumerate(unique)}
+    return embeddings[[position[text] for text in texts]]
+
+
+@torch.no_grad()
+def split_features(model, batches, runtime: Runtime, with_captions: bool = False) -> SplitFeatures:
+    """Encode a split's images (and captions) on this rank's share, then gather all ranks' features."""
+    images, labels, captions, caption_image = [], [], [], []
+    count = 0
+    for batch_images, batch_labels, batch_captions in batches:
+        with runtime.autocast():
+            images.append(F.normalize(model.encode_image(batch_images.to(runtime.device)).float(), dim=-1).cpu())
+        labels.append(batch_labels)
+        if with_captions:
+            for offset, texts in enumerate(batch_captions):
+                captions += texts
+                caption_image += [count + offset] * len(texts)
+        count += len(batch_images)
+    local = torch.cat(images) if images else torch.zeros(0, 0)
+    features = SplitFeatures(runtime.gather_rows(local), runtime.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)))
+    if with_captions:
+        counts = runtime.gather_rows(torch.tensor([count]))
+        offset = int(counts[: runtime.rank].sum())
+        features.texts = runtime.gather_rows(encode_texts(model, captions, runtime))
+        features.text_to_image = runtime.gather_rows(torch.tensor(caption_image, dtype=torch.long) + offset)
+    return features
