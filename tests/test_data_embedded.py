@@ -86,3 +86,19 @@ def test_interrupted_writes_leave_no_shard(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_shards(samples(), tmp_path / "out")
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_concurrent_builders_leave_one_complete_folder(fashion_mnist_dir, tmp_path):
+    """Two processes (e.g. DDP ranks) building the same split at once: both succeed, one folder remains."""
+    import multiprocessing
+
+    args = ("test", str(fashion_mnist_dir), str(tmp_path))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        folders = pool.starmap(_build, [args, args])
+    assert folders[0] == folders[1]
+    assert len(read_samples(FashionMNISTShards(*args).pattern)) == 100
+    assert [p.name for p in (tmp_path / "fashion_mnist").iterdir()] == [folders[0].name]
+
+
+def _build(split, source_dir, cache_dir):
+    return FashionMNISTShards(split, source_dir, cache_dir).ensure()

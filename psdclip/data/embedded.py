@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -129,8 +131,18 @@ class FashionMNISTShards:
         if labels.max() >= len(CLASSNAMES):
             raise ValueError(f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names")
         log.info("writing Fashion-MNIST %s shards to %s", self.split, self.directory)
-        sizes = write_shards(self._samples(images, labels), self.directory, prefix=f"{self.split}-", shard_size=self.shard_size)
-        manifest.write_text(json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1))
+        # built in a private folder and renamed into place: concurrent writers (DDP ranks, sweep jobs) never mix,
+        # and the first to finish wins
+        staging = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        sizes = write_shards(self._samples(images, labels), staging, prefix=f"{self.split}-", shard_size=self.shard_size)
+        (staging / "manifest.json").write_text(json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1))
+        try:
+            staging.rename(self.directory)
+        except OSError:
+            if not manifest.is_file():
+                raise
+            shutil.rmtree(staging)
         return self.directory
 
     def _samples(self, images: np.ndarray, labels: np.ndarray):
