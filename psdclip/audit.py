@@ -24,7 +24,6 @@ from pathlib import Path
 
 import hydra
 import matplotlib
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -34,29 +33,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from psdclip.models import CLIPBundle, create_clip
+from psdclip.models import CLIPBundle, load_clip_checkpoint
 from psdclip.module import MAX_LOGIT_SCALE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: str | Path) -> CLIPBundle:
-    """The open_clip model of a psdclip Lightning checkpoint (architecture from ``hparams.model_name``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    name = state.get("hyper_parameters", {}).get("model_name")
-    if name is None or "state_dict" not in state:
-        raise ValueError(f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict)")
-    clip = create_clip(name)
-    weights = {key.removeprefix("model."): value for key, value in state["state_dict"].items() if key.startswith("model.")}
-    clip.model.load_state_dict(weights)
-    clip.model.eval()
-    return clip
 
 
 def doubt(image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tensor, ref_text: torch.Tensor, scale: float, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +159,7 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the audit that ``cfg`` (conf/audit.yaml) describes, writing into ``out_dir``; returns audit.json's content."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    clip = load_checkpoint(cfg.ckpt)
+    clip = load_clip_checkpoint(cfg.ckpt)
     datamodule = instantiate(cfg.data, transform=clip.eval_transform, tokenizer=clip.tokenizer)
     datamodule.prepare_data()
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)

@@ -16,30 +16,20 @@ import sys
 from pathlib import Path
 
 import open_clip
-import torch
 from safetensors.torch import save_file
 
-import psdclip.models  # noqa: F401  (registers psdclip/model_configs with open_clip)
+from psdclip.models import read_checkpoint  # importing it registers psdclip/model_configs with open_clip
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
-WEIGHT_SOURCES = {"student": "model.", "ema": "teacher.average.module."}
 
 
 def export(ckpt: str | Path, out: str | Path, weights: str = "student") -> Path:
     """Write ``ckpt``'s open_clip weights and config to the folder ``out``; returns it."""
-    if weights not in WEIGHT_SOURCES:
-        raise ValueError(f"weights={weights!r}: choose one of {sorted(WEIGHT_SOURCES)}")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    name = checkpoint.get("hyper_parameters", {}).get("model_name")
-    model_cfg = open_clip.get_model_config(name) if name else None
+    name, state = read_checkpoint(ckpt, weights)
+    model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(f"{ckpt}: model {name!r} unknown to open_clip; was it trained with a config that is gone?")
-    prefix = WEIGHT_SOURCES[weights]
-    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{ckpt} holds no {weights} weights (keys starting with {prefix!r}); was teacher=ema?")
-    # torch.compile'd modules keep their weights under _orig_mod.
-    state = {key.replace("_orig_mod.", ""): value.contiguous() for key, value in state.items()}
+    state = {key: value.contiguous() for key, value in state.items()}  # safetensors stores contiguous tensors
 
     model = open_clip.create_model(name, output_dict=True)
     model.load_state_dict(state)  # fails loudly if config and weights disagree

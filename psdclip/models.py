@@ -5,9 +5,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# where a psdclip training checkpoint keeps each set of open_clip weights
+CHECKPOINT_WEIGHTS = {"student": "model.", "ema": "teacher.average.module."}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -52,3 +55,34 @@ def create_clip(
     if compile:
         model.compile()
     return CLIPBundle(name, model, train_transform, eval_transform, open_clip.get_tokenizer(name))
+
+
+def read_checkpoint(path: str | Path, weights: str = "student") -> tuple[str, dict[str, Tensor]]:
+    """The model name and open_clip state dict (``student`` or ``ema`` teacher) of a ``train.py`` checkpoint."""
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose one of {sorted(CHECKPOINT_WEIGHTS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # Lightning checkpoints hold more than tensors (loop and callback states): load only files you trust
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    name = checkpoint.get("hyper_parameters", {}).get("model_name")
+    if name is None or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict); "
+                         "for open_clip weights give the model name and pretrained weights instead")
+    prefix = CHECKPOINT_WEIGHTS[weights]
+    # torch.compile'd models keep their weights under _orig_mod.
+    state = {key[len(prefix):].replace("_orig_mod.", ""): value
+             for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path} holds no {weights} weights (keys starting with {prefix!r}); was it trained with teacher=ema?")
+    return name, state
+
+
+def load_clip_checkpoint(path: str | Path, weights: str = "student") -> CLIPBundle:
+    """The trained model of a ``train.py`` checkpoint, with its preprocessing and tokenizer, in eval mode."""
+    name, state = read_checkpoint(path, weights)
+    clip = create_clip(name)
+    clip.model.load_state_dict(state)
+    clip.model.eval()
+    return clip

@@ -231,7 +231,7 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
 
 
 def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
-    from psdclip.audit import load_checkpoint
+    from psdclip.models import load_clip_checkpoint as load_checkpoint
 
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.ckpt")

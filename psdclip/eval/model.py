@@ -2,13 +2,9 @@
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from psdclip.models import CLIPBundle, create_clip
-
-STATE_PREFIX = "model."  # PSDCLIPModule keeps the open_clip model as ``self.model``
-
+from psdclip.models import CLIPBundle, create_clip, load_clip_checkpoint
 
 class CLIPEncoders(nn.Module):
     """``encode_image``/``encode_text`` (L2-normalised), ``tokenizer`` and ``eval_transform`` — what the suite needs."""
@@ -27,19 +23,7 @@ class CLIPEncoders(nn.Module):
 
 def load_checkpoint(path: str | Path) -> CLIPEncoders:
     """A checkpoint written by ``python train.py``: the model named in its hyperparameters, with its weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # train.py's hyperparameters are OmegaConf containers, which weights_only loading refuses: load only trusted files
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    name = checkpoint.get("hyper_parameters", {}).get("model_name")
-    if name is None:
-        raise ValueError(f"{path} has no hyper_parameters.model_name: not a psdclip training checkpoint "
-                         "(for open_clip weights give model.name and model.pretrained instead)")
-    clip = create_clip(name)
-    state = {key[len(STATE_PREFIX):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(STATE_PREFIX)}
-    clip.model.load_state_dict(state)
-    return CLIPEncoders(clip)
+    return CLIPEncoders(load_clip_checkpoint(path))
 
 
 def load_encoders(ckpt: str | None = None, name: str | None = None, pretrained: str | None = None) -> CLIPEncoders:
