@@ -102,3 +102,13 @@ def test_concurrent_builders_leave_one_complete_folder(fashion_mnist_dir, tmp_pa
 
 def _build(split, source_dir, cache_dir):
     return FashionMNISTShards(split, source_dir, cache_dir).ensure()
+
+
+def test_evaluation_on_missing_fashion_mnist_fails_at_start_up(tmp_path):
+    """The evaluation set and the media samples check for the idx files when built, not after a long training."""
+    from psdclip.callbacks.media import EmbeddedEvalSamples
+    from psdclip.eval.datasets import FashionMNISTEvalSet
+
+    for build in (FashionMNISTEvalSet, EmbeddedEvalSamples):
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+            build(source_dir=str(tmp_path), cache_dir=str(tmp_path))

@@ -93,6 +93,8 @@ class FashionMNISTShards:
             raise ValueError(f"unknown Fashion-MNIST split {self.split!r}; choose 'train' or 'test'")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"data.noise must be a fraction in [0, 1], got {self.noise}")
+        # at construction, so a run that evaluates on it fails at start-up, not after training
+        self.source_files()
 
     @cached_property
     def directory(self) -> Path:
