@@ -1,23 +1,22 @@
 """Noisy-pair audit: which training captions does the trained model doubt?
 
-    python -m psdclip.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [threshold=0.5] [reference_size=8192]
+    python -m psdclip.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [fraction=0.5] [batch_size=256]
 
-For pair i with image x_i and caption t_i, the model's soft target over captions (PSD's teacher signal) is
-softmax(s(x_i, ·) / tau), s = logit_scale × cosine. The pair's doubt in the image→text direction is
-1 − Q(t_i) / max_j Q(t_j) = 1 − exp((s(x_i, t_i) − max_j s(x_i, t_j)) / tau) over the captions t_j of a reference
-set of pairs: 0 when the given caption is the model's favourite, near 1 when the model strongly prefers another.
-Text→image likewise; the score is their mean. Duplicated or near-identical captions do not raise it, unlike the
-diagonal mass Q(t_i) itself.
+The score is the PSD loss's own doubt (``psdclip.loss.partner_probability``): in a batch of ``batch_size`` pairs
+(the training batch), 1 − the model's probability on the pair's own partner, softmax(logit_scale × cosine / tau),
+averaged over the image→text and text→image directions. In each batch the ``fraction`` most doubted pairs are
+flagged: the distillation subset D the loss picks at alpha = ``fraction``.
 
-Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, …),
+Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, flagged, …),
 ``suspects.csv`` (the ``top_k`` first), ``suspects.png`` (an image grid) and ``audit.json``. When the data says
-which captions were corrupted (the embedded data's ``json``), it adds precision and recall of the flagged pairs,
-AUROC and average precision.
+which captions were corrupted (the embedded data's ``json``), it adds precision and recall of the flagged pairs
+(D's precision and recall), AUROC and average precision of the score.
 """
 
 import heapq
 import json
 import logging
+import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from psdclip.loss import most_doubted, partner_probability
 from psdclip.models import CLIPBundle, load_clip_checkpoint
 from psdclip.module import MAX_LOGIT_SCALE
 
@@ -42,12 +42,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 log = logging.getLogger(__name__)
 
 
-def doubt(image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tensor, ref_text: torch.Tensor, scale: float, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Doubt of each pair (rows of normalised ``image``/``text``) against reference pairs, per direction."""
-    own = (image * text).sum(dim=1)
-    best_text = torch.maximum((image @ ref_text.T).amax(dim=1), own)
-    best_image = torch.maximum((text @ ref_image.T).amax(dim=1), own)
-    return -torch.expm1(scale * (own - best_text) / tau), -torch.expm1(scale * (own - best_image) / tau)
+def doubt(image: torch.Tensor, text: torch.Tensor, scale: float, tau: float = 1.0) -> torch.Tensor:
+    """The loss's doubt of each pair of a batch (rows of normalised ``image``/``text``): 1 − partner probability."""
+    logits = scale * image @ text.T
+    return 1 - partner_probability(logits, logits.T, torch.arange(len(image), device=image.device), tau)
 
 
 @dataclass
@@ -100,34 +98,30 @@ class Auditor:
         model = self.clip.model
         return F.normalize(model.encode_image(images).float(), dim=-1), F.normalize(model.encode_text(tokens).float(), dim=-1)
 
-    def run(self, stream: PairStream, batch_size: int, reference_size: int, limit: int | None, grid: int):
+    def run(self, stream: PairStream, batch_size: int, fraction: float, limit: int | None, grid: int):
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
-        reference = [self.encode(batch) for batch in stream.batches(self.clip.eval_transform, batch_size, min(reference_size, limit or reference_size))]
-        if not reference:
-            raise ValueError(f"no readable image–caption pairs in {stream.shards[0]} … ({len(stream.shards)} shards)")
-        ref_image, ref_text = torch.cat([r[0] for r in reference]), torch.cat([r[1] for r in reference])
         rows, worst = [], []  # worst: a min-heap of the grid's (score, index, image)
         for batch in stream.batches(self.clip.eval_transform, batch_size, limit):
-            image, text = self.encode(batch)
-            i2t, t2i = doubt(image, text, ref_image, ref_text, self.scale, self.tau)
-            for item, a, b in zip(batch, i2t.tolist(), t2i.tolist()):
-                score = (a + b) / 2
-                row = {"shard": item["shard"], "key": item["key"], "caption": item["caption"], "score": score,
-                       "doubt_image_to_text": a, "doubt_text_to_image": b}
+            scores = doubt(*self.encode(batch), self.scale, self.tau)
+            flagged = most_doubted(-scores, math.floor(fraction * len(batch)))  # most doubted = lowest belief
+            for item, score, flag in zip(batch, scores.tolist(), flagged.tolist()):
+                row = {"shard": item["shard"], "key": item["key"], "caption": item["caption"], "score": score, "flagged": flag}
                 if "corrupted" in item["meta"]:
                     row["corrupted"] = bool(item["meta"]["corrupted"])
                 entry = (score, len(rows), item["image"])
                 rows.append(row)
                 (heapq.heappush if len(worst) < grid else heapq.heappushpop)(worst, entry)
             log.info("scored %d pairs", len(rows))
+        if not rows:
+            raise ValueError(f"no readable image–caption pairs in {stream.shards[0]} … ({len(stream.shards)} shards)")
         frame = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
         return frame, [(index, image) for _, index, image in sorted(worst, reverse=True)], rows
 
 
-def quality(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
+def quality(frame: pd.DataFrame) -> dict[str, float]:
     """Flag counts, and against the known corrupted pairs (when the data says): precision, recall, AUROC, AP."""
-    flagged = frame["score"] >= threshold
-    result = {"pairs": len(frame), "threshold": threshold, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean())}
+    flagged = frame["flagged"].astype(bool)
+    result = {"pairs": len(frame), "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean())}
     if "corrupted" in frame and frame["corrupted"].nunique() == 2:
         truth = frame["corrupted"].astype(bool)
         hits = int((flagged & truth).sum())
@@ -164,12 +158,12 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     datamodule.prepare_data()
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
     auditor = Auditor(clip, torch.device(cfg.device), cfg.tau)
-    frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.reference_size, cfg.limit, cfg.grid)
+    frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.fraction, cfg.limit, cfg.grid)
     frame.to_csv(out_dir / "scores.csv", index=False)
     frame.head(cfg.top_k).to_csv(out_dir / "suspects.csv", index=False)
     image_grid(suspects, rows, out_dir / "suspects.png")
     result = {"ckpt": str(cfg.ckpt), "shards": datamodule.train_shards, "tau": cfg.tau, "logit_scale": auditor.scale,
-              "reference_size": min(cfg.reference_size, len(frame)), **quality(frame, cfg.threshold)}
+              "batch_size": cfg.batch_size, "fraction": cfg.fraction, **quality(frame)}
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
     figures = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards"))
     print(f"audit: {figures}\nwritten to {out_dir} (scores.csv, suspects.csv, suspects.png, audit.json)")

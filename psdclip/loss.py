@@ -1,21 +1,31 @@
 """Progressive self-distillation (PSD) loss, a drop-in generalisation of open_clip's ClipLoss.
 
-For a batch of N pairs, a random subset D of floor(alpha * N) pairs trades its one-hot target for
-the teacher's soft alignment over the batch; every other pair keeps the usual contrastive target.
-At alpha = 0 the loss is exactly open_clip's symmetric InfoNCE.
+For a global batch of N pairs, a distillation subset D of floor(alpha * N) pairs trades its one-hot target for the
+teacher's soft alignment; every other pair keeps the usual contrastive target. alpha ramps up over training. D is
+either drawn at random (the literal reading of the paper's abstract) or chosen as the pairs the teacher doubts most:
+the lowest teacher probability on the pair's own partner, averaged over both directions. Wrong captions are the
+pairs a model that has learnt the clean majority doubts, so D then catches the noise and replaces its false targets
+with the teacher's belief. At alpha = 0 the loss is exactly open_clip's symmetric InfoNCE.
+
+Like open_clip's ClipLoss, the loss owns what it needs: the gather of features across ranks, the logits and labels,
+alpha at the step, D, the targets, and the statistics to log.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psdclip.schedule import make_schedule
+from psdclip.teacher import EMATeacher
 
 TEACHERS = ("self", "ema")
 SCOPES = ("subset", "batch")
+SUBSETS = ("random", "doubt")
 
 
 @dataclass
@@ -26,6 +36,18 @@ class DirectionLoss:
     distilled: Tensor  # (rows,) bool, the row's pair is in D
     entropy: Tensor  # (distilled rows,) entropy of the soft target Q
     diagonal: Tensor  # (distilled rows,) Q's mass on the row's own pair
+
+
+@dataclass
+class PSDOutput:
+    """One step of the loss: what to back-propagate, what to log, and what its targets were made from."""
+
+    loss: Tensor  # mean over this rank's rows and both directions; back-propagate this
+    stats: dict[str, Tensor]  # detached scalars to log (``loss`` averaged over ranks with ``local_loss``)
+    logits_per_image: Tensor  # (rows, N) this rank's image rows against the global batch's captions
+    teacher_logits_per_image: Tensor  # (rows, N) the teacher's, detached
+    labels: Tensor  # (rows,) each row's own pair in the global batch
+    distill: Tensor  # (N,) bool, D over the global batch
 
 
 def soft_targets(teacher_logits: Tensor, own: Tensor, distill: Tensor, scope: str = "subset", tau_teacher: float = 1.0,
@@ -73,6 +95,21 @@ def direction_loss(
     return DirectionLoss(per_row, rows, entropy, diagonal)
 
 
+def partner_probability(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tensor, tau: float = 1.0) -> Tensor:
+    """Each row's probability on its own partner, softmax(logits / tau), averaged over both directions: (rows,)."""
+    rows = torch.arange(len(labels), device=labels.device)
+    image = (logits_per_image.detach().float() / tau).log_softmax(dim=-1)[rows, labels]
+    text = (logits_per_text.detach().float() / tau).log_softmax(dim=-1)[rows, labels]
+    return (image.exp() + text.exp()) / 2
+
+
+def most_doubted(belief: Tensor, count: int) -> Tensor:
+    """Bool mask of the ``count`` entries of ``belief`` with the lowest value; ties go to the lower index."""
+    mask = torch.zeros(len(belief), dtype=torch.bool, device=belief.device)
+    mask[torch.argsort(belief, stable=True)[:count]] = True
+    return mask
+
+
 class PSDLoss(nn.Module):
     """Symmetric contrastive loss with a scheduled progressive self-distillation subset.
 
@@ -80,15 +117,17 @@ class PSDLoss(nn.Module):
         alpha_max: final distillation ratio, in [0, 1).
         schedule: ``linear``, ``cosine`` or ``constant``; ramps alpha from 0 at ``ramp_start`` to ``alpha_max``
             at ``ramp_end`` (default: the last training step).
-        teacher: ``self`` (the student's own detached logits) or ``ema`` (a momentum copy of the model,
-            kept by the LightningModule with decay ``ema_decay``).
-        scope: ``subset`` spreads soft targets over D's own pairs only; ``batch`` over all N.
-        tau_teacher: temperature of the soft targets.
+        subset: how D is chosen: ``doubt`` (the floor(alpha·N) pairs of the global batch with the lowest teacher
+            probability on their own partner) or ``random`` (drawn from seed and step).
+        teacher: ``self`` (the student's own detached logits) or ``ema`` (a momentum copy of the model with decay
+            ``ema_decay``, built by ``make_teacher``).
+        scope: ``batch`` spreads soft targets over all N pairs; ``subset`` over D's own pairs only.
+        tau_teacher: temperature of the soft targets (and of the doubt score).
         mix: weight of the soft target against the one-hot target for distilled rows.
-        seed: seeds the per-step draw of D (the draw depends only on seed and step, so it is reproducible
-            and identical on every rank).
-        local_loss: read by the LightningModule under DDP: each rank scores only its own rows against the
-            gathered columns (open_clip's ``local_loss``), O(N/W × N) logits per rank instead of N × N.
+        seed: seeds the per-step draw of a random D (it depends only on seed and step: reproducible, the same
+            on every rank).
+        local_loss: under DDP each rank scores only its own rows against the gathered columns (open_clip's
+            ``local_loss``), O(N/W × N) logits per rank instead of N × N.
     """
 
     def __init__(
@@ -97,40 +136,48 @@ class PSDLoss(nn.Module):
         schedule: str = "linear",
         ramp_start: int = 0,
         ramp_end: int | None = None,
-        teacher: str = "self",
-        ema_decay: float = 0.999,
-        scope: str = "subset",
+        subset: str = "doubt",
+        teacher: str = "ema",
+        ema_decay: float = 0.99,
+        scope: str = "batch",
         tau_teacher: float = 1.0,
         mix: float = 1.0,
         seed: int = 0,
         local_loss: bool = False,
     ):
         super().__init__()
-        if teacher not in TEACHERS:
-            raise ValueError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+        for name, value, choices in (("teacher", teacher, TEACHERS), ("scope", scope, SCOPES), ("subset", subset, SUBSETS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
         if tau_teacher <= 0:
             raise ValueError(f"tau_teacher must be > 0, got {tau_teacher}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1], got {mix}")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if teacher == "self" and scope == "batch" and tau_teacher == 1.0 and alpha_max > 0:
+        # the self teacher's untempered, unmixed soft target over the batch is the prediction itself: its rows carry no
+        # gradient. For doubted rows that is loss truncation (dropping the suspect pairs), a rule in its own right; for
+        # random rows it only throws data away.
+        if teacher == "self" and scope == "batch" and tau_teacher == 1.0 and mix == 1.0 and subset == "random" and alpha_max > 0:
             raise ValueError(
-                "teacher=self with scope=batch and tau_teacher=1 makes the soft target equal the prediction, "
-                "so distilled pairs get no learning signal; use scope=subset, teacher=ema, or tau_teacher < 1"
+                "teacher=self with scope=batch, tau_teacher=1 and mix=1 makes the soft target equal the prediction, "
+                "so distilled pairs get no learning signal, and subset=random drops random pairs; use subset=doubt "
+                "(loss truncation), scope=subset, teacher=ema, tau_teacher < 1 or mix < 1"
             )
         self.schedule = make_schedule(schedule, alpha_max, ramp_start, ramp_end)
-        self.teacher, self.ema_decay, self.scope = teacher, ema_decay, scope
+        self.subset, self.teacher, self.ema_decay, self.scope = subset, teacher, ema_decay, scope
         self.tau_teacher, self.mix, self.seed, self.local_loss = tau_teacher, mix, seed, local_loss
 
     @property
     def alpha_max(self) -> float:
         return self.schedule.alpha_max
 
+    def make_teacher(self, model: nn.Module) -> EMATeacher | None:
+        """The EMA copy of ``model`` that supplies targets, or None for the self teacher."""
+        return EMATeacher(model, self.ema_decay) if self.teacher == "ema" and self.alpha_max > 0 else None
+
     def distill_mask(self, batch_size: int, alpha: float, step: int) -> Tensor:
-        """D as a bool mask over the global batch: floor(alpha * N) pairs drawn without replacement."""
+        """A random D as a bool mask over the global batch: floor(alpha * N) pairs drawn without replacement."""
         count = math.floor(alpha * batch_size)
         mask = torch.zeros(batch_size, dtype=torch.bool)
         if count:
@@ -140,36 +187,142 @@ class PSDLoss(nn.Module):
 
     def forward(
         self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        step: int,
+        total_steps: int,
+        teacher_features: dict[str, Tensor] | None = None,
+        noise_marks: Tensor | None = None,
+    ) -> PSDOutput:
+        """The loss of this rank's pairs against the global batch.
+
+        image_features, text_features: (n, d) normalised features of this rank's pairs; logit_scale: exp'd scale.
+        teacher_features: the EMA teacher's ``image_features``, ``text_features`` and ``logit_scale`` (open_clip's
+            output dict); None uses the student's own logits.
+        noise_marks: (n,) 1 where the data marks the caption as corrupted, 0 clean, -1 unknown: only for the
+            statistics (D's precision and recall), never for the loss.
+        """
+        per_image, per_text, labels = self.logits(image_features, text_features, logit_scale, grad=True)
+        teacher_logits = None
+        if teacher_features is not None:
+            teacher_logits = self.logits(teacher_features["image_features"], teacher_features["text_features"],
+                                         teacher_features["logit_scale"], grad=False)[:2]
+        marks = gather(noise_marks, grad=False) if noise_marks is not None else None
+        return self.from_logits(per_image, per_text, labels, self.schedule(step, total_steps), step, teacher_logits, marks)
+
+    def logits(self, image: Tensor, text: Tensor, logit_scale: Tensor, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Image→text and text→image logits of this rank's rows against the gathered batch, in fp32, and the labels.
+
+        Without ``local_loss`` every rank scores all N rows (identical losses); with it only its own n rows. Both give
+        one process's gradient after DDP's mean: the gather's backward sums each rank's share into the feature's owner.
+        """
+        scale = at_least_fp32(logit_scale if grad else logit_scale.detach())
+        all_image, all_text = at_least_fp32(gather(image, grad)), at_least_fp32(gather(text, grad))
+        if self.local_loss:
+            labels = torch.arange(len(image), device=image.device) + rank_and_world()[0] * len(image)
+            return scale * at_least_fp32(image) @ all_text.T, scale * at_least_fp32(text) @ all_image.T, labels
+        per_image = scale * all_image @ all_text.T
+        return per_image, per_image.T, torch.arange(len(all_image), device=image.device)
+
+    def from_logits(
+        self,
         logits_per_image: Tensor,
         logits_per_text: Tensor,
         labels: Tensor,
         alpha: float,
         step: int,
         teacher_logits: tuple[Tensor, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """Loss and its statistics.
-
-        logits_per_image: (rows, N) local image queries against all N texts; logits_per_text likewise;
-        labels: (rows,) global index of each local row's pair. With rows = N this is the whole batch.
-        teacher_logits: the EMA teacher's (per_image, per_text) logits; ``None`` uses the student's own.
-        """
+        noise_marks: Tensor | None = None,
+    ) -> PSDOutput:
+        """The loss from logits: (rows, N) queries against the global batch, ``labels`` the rows' own pairs."""
         batch_size = logits_per_image.shape[1]
-        distill = self.distill_mask(batch_size, alpha, step).to(labels.device)
         teacher_image, teacher_text = teacher_logits or (logits_per_image, logits_per_text)
+        distill = self.choose_subset(teacher_image, teacher_text, labels, batch_size, alpha, step)
         options = dict(scope=self.scope, tau_teacher=self.tau_teacher, mix=self.mix)
         image = direction_loss(logits_per_image, teacher_image, labels, distill, **options)
         text = direction_loss(logits_per_text, teacher_text, labels, distill, **options)
+        loss = (image.per_row.mean() + text.per_row.mean()) / 2
         rows = image.distilled
         stats = {
-            "loss": (image.per_row.mean() + text.per_row.mean()) / 2,
+            "loss": mean_over_ranks(loss.detach()) if self.local_loss else loss.detach(),
             "loss_hard": _mean_pair(image.per_row[~rows], text.per_row[~rows]),
             "loss_soft": _mean_pair(image.per_row[rows], text.per_row[rows]),
             "alpha": torch.tensor(alpha),
             "distill_count": distill.sum(),
             "soft_target_entropy": _mean_pair(image.entropy, text.entropy),
             "soft_target_diagonal": _mean_pair(image.diagonal, text.diagonal),
+            **subset_quality(distill, noise_marks),
         }
-        return {name: value for name, value in stats.items() if value is not None}
+        stats = {name: value for name, value in stats.items() if value is not None}
+        return PSDOutput(loss, stats, logits_per_image.detach(), teacher_image.detach(), labels, distill)
+
+    def choose_subset(self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor, batch_size: int, alpha: float,
+                      step: int) -> Tensor:
+        """D over the global batch, the same on every rank."""
+        count = math.floor(alpha * batch_size)
+        if self.subset == "random" or count == 0:
+            return self.distill_mask(batch_size, alpha, step).to(labels.device)
+        # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
+        belief = partner_probability(teacher_image, teacher_text, labels, self.tau_teacher)
+        if len(belief) < batch_size:
+            belief = gather(belief, grad=False)
+        return most_doubted(belief, count)
+
+    def targets(self, output: PSDOutput) -> Tensor:
+        """The image→text targets the loss used for this rank's rows: (rows, N), one-hot outside D."""
+        dtype = output.logits_per_image.dtype
+        targets = F.one_hot(output.labels, output.logits_per_image.shape[1]).to(dtype)
+        rows = output.distill[output.labels]
+        if rows.any():
+            targets[rows] = soft_targets(output.teacher_logits_per_image[rows], output.labels[rows], output.distill,
+                                         self.scope, self.tau_teacher, self.mix)[0].to(dtype)
+        return targets
+
+
+def subset_quality(distill: Tensor, noise_marks: Tensor | None) -> dict[str, Tensor | None]:
+    """Where the data marks corrupted captions: the batch's noise rate, D's precision (the share of D that is
+    corrupted) and recall (the share of the batch's corrupted pairs in D), over the marked pairs."""
+    if noise_marks is None or not (noise_marks >= 0).any():
+        return {}
+    known, corrupted = noise_marks >= 0, noise_marks == 1
+    chosen, caught = (distill & known).sum(), (distill & corrupted).sum()
+    return {
+        "batch_noise": corrupted.sum() / known.sum(),
+        "distill_precision": caught / chosen if chosen else None,
+        "distill_recall": caught / corrupted.sum() if corrupted.any() else None,
+    }
+
+
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp16/bf16 up to fp32 (the loss runs in fp32 under mixed precision); fp32 and fp64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(tensor: Tensor, grad: bool) -> Tensor:
+    """``tensor`` of every rank concatenated along the first dimension (itself in a single process); with ``grad``,
+    gradients flow back to each rank's own part (open_clip's ``gather_with_grad``)."""
+    if rank_and_world()[1] == 1:
+        return tensor
+    if grad:
+        return torch.cat(dist_nn.all_gather(tensor))
+    parts = [torch.empty_like(tensor) for _ in range(rank_and_world()[1])]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    if rank_and_world()[1] == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / rank_and_world()[1]
 
 
 def _mean_pair(first: Tensor, second: Tensor) -> Tensor | None:

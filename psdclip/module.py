@@ -1,4 +1,4 @@
-"""The LightningModule: encode both towers → gather across ranks → PSD loss → log; AdamW with warm-up + cosine."""
+"""The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; AdamW with warm-up + cosine."""
 
 import math
 
@@ -8,9 +8,9 @@ from torch import Tensor
 
 from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle
-from psdclip.teacher import EMATeacher
 
 MAX_LOGIT_SCALE = math.log(100.0)
+NOISE_DIAGNOSTICS = ("batch_noise", "distill_precision", "distill_recall")
 
 
 class PSDCLIPModule(L.LightningModule):
@@ -18,7 +18,7 @@ class PSDCLIPModule(L.LightningModule):
 
     Args:
         clip: the model with its preprocessing and tokenizer (from ``psdclip.models.create_clip``).
-        loss: the PSD (or, with alpha_max=0, plain CLIP) loss; ``loss.teacher == "ema"`` adds an EMA teacher.
+        loss: the PSD (or, with alpha_max=0, plain CLIP) loss; it says whether an EMA teacher is kept.
         lr, weight_decay, betas, eps: AdamW; no decay on gains, biases, norms, scalars and ``logit_scale``.
         warmup_steps: linear warm-up before the cosine decay to ``min_lr_ratio * lr`` at the last step.
     """
@@ -41,7 +41,7 @@ class PSDCLIPModule(L.LightningModule):
         self.hparams["model_name"] = clip.name
         self.model, self.loss = clip.model, loss
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
-        self.teacher = EMATeacher(self.model, loss.ema_decay) if loss.teacher == "ema" else None
+        self.teacher = loss.make_teacher(self.model)
 
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images, normalize=True)
@@ -49,40 +49,20 @@ class PSDCLIPModule(L.LightningModule):
     def encode_text(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens, normalize=True)
 
-    def _logits(self, outputs: dict[str, Tensor], sync_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Image→text and text→image logits of this rank's rows against the global batch, and the rows' labels.
-
-        Features are gathered from every rank (with gradients for the student). Without ``local_loss`` every
-        rank scores all N rows (identical losses); with it, only its own N/W rows. Both give one process's
-        gradient after DDP's mean: the gather's backward sums each rank's share into the feature's owner.
-        """
-        image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"].float()
-        all_image, all_text = image, text
-        if self.trainer.world_size > 1:
-            all_image = self.all_gather(image, sync_grads=sync_grads).flatten(0, 1)
-            all_text = self.all_gather(text, sync_grads=sync_grads).flatten(0, 1)
-        all_image, all_text = all_image.float(), all_text.float()  # the loss runs in fp32 under mixed precision
-        if self.loss.local_loss:
-            labels = torch.arange(len(image), device=self.device) + self.global_rank * len(image)
-            return scale * image.float() @ all_text.T, scale * text.float() @ all_image.T, labels
-        logits_per_image = scale * all_image @ all_text.T
-        return logits_per_image, logits_per_image.T, torch.arange(len(all_image), device=self.device)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, texts = batch
-        logits_per_image, logits_per_text, labels = self._logits(self.model(images, texts), sync_grads=True)
-        teacher_logits = None
-        if self.teacher is not None:
-            teacher_logits = self._logits(self.teacher(images, texts), sync_grads=False)[:2]
-        step, total = self.global_step, self.trainer.estimated_stepping_batches
-        stats = self.loss(logits_per_image, logits_per_text, labels, self.loss.schedule(step, total), step, teacher_logits)
-        stats["logit_scale"] = self.model.logit_scale.detach().exp()
-        # with local_loss each rank holds its rows' loss: average it; the sub-statistics are rank 0's rows
-        local = self.loss.local_loss and self.trainer.world_size > 1
-        shown = {"loss", "alpha"}
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict:
+        """``batch``: images, tokens and optionally the data's noise marks (diagnostics only)."""
+        images, texts, *marks = batch
+        outputs = self.model(images, texts)
+        teacher = self.teacher(images, texts) if self.teacher is not None else None
+        result = self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], self.global_step,
+                           self.trainer.estimated_stepping_batches, teacher, marks[0] if marks else None)
+        stats = {**result.stats, "logit_scale": self.model.logit_scale.detach().exp()}
         for name, value in stats.items():
-            self.log(f"train/{name}", value.float(), prog_bar=name in shown, sync_dist=local and name == "loss")
-        return stats["loss"]
+            # how well D catches wrong captions is noisy per step: its epoch mean (train/<name>_epoch) is the figure
+            epoch_mean = name in NOISE_DIAGNOSTICS
+            self.log(f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True, on_epoch=epoch_mean)
+        # the step's own loss output travels to callbacks (the media callback draws the targets it used)
+        return {"loss": result.loss, "psd": result}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

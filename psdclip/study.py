@@ -1,11 +1,16 @@
-"""The noisy-caption study: CLIP and PSD trained on the embedded data at several caption-noise levels and seeds.
+"""The noisy-caption study: CLIP and PSD trained on the embedded data at several caption-noise levels, kinds and seeds.
 
-    python -m psdclip.study noise=0,0.2,0.4,0.6 seeds=3 [methods=clip,psd] [metrics=PATTERNS] [out=DIR] [--quick]
-        [any train.py override, e.g. trainer.max_epochs=2]
+    python -m psdclip.study [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3] [first_seed=0] [methods=clip,psd]
+        [split=test] [metrics=PATTERNS] [out=DIR] [--quick] [any train.py override, e.g. trainer.max_epochs=2]
 
-Runs ``train.py -m experiment=noisy_captions loss=… data.noise=… seed=…`` (one Hydra multirun, jobs in sequence),
-then writes ``study.csv`` (every run), ``study.md`` (mean ± std over seeds, noise × method) and ``study.png`` (each
-metric against noise, one line per method) into the multirun folder.
+Runs ``train.py -m experiment=noisy_captions loss=… data.noise=… data.noise_kind=… seed=…`` (Hydra multiruns, jobs
+in sequence; clean data once, not once per kind), then writes into the study folder ``study.csv`` (every run),
+``study.md`` (mean ± std over seeds: kind × noise × method, with PSD − CLIP) and ``study.png`` (each metric against
+noise, one panel per kind, one line per method). Besides the final metrics it reports each run's best zero-shot over
+its learning curve (the experiment evaluates every few epochs), so memorisation of wrong captions shows as the gap.
+
+Choose settings with ``split=val`` (held-out training images) and other seeds (``first_seed=100``); report with
+``split=test`` and the seeds 0, 1, 2.
 """
 
 import argparse
@@ -27,18 +32,22 @@ log = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 # the headline metric of each task by default; metrics='eval/*' tabulates everything the runs measured
-HEADLINE_METRICS = "eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall"
-STUDY_KEYS = {"noise": "0,0.2,0.4,0.6", "seeds": "3", "methods": "clip,psd", "metrics": HEADLINE_METRICS, "out": None}
+HEADLINE_METRICS = ("eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,"
+                    "train/distill_precision_epoch,train/distill_recall_epoch")
+STUDY_KEYS = {"noise": "0,0.2,0.4,0.6", "kinds": "flip,swap", "seeds": "3", "first_seed": "0", "methods": "clip,psd",
+              "split": "test", "metrics": HEADLINE_METRICS, "out": None}
 # a few steps on tiny batches: checks the whole pipeline in seconds (tests, smoke runs)
 QUICK = ["trainer.max_epochs=1", "trainer.max_steps=3", "data.batch_size=32", "data.num_workers=0", "optim.warmup_steps=1",
-         "callbacks.media.every_n_steps=2", "callbacks.media.eval_samples.limit=50", "callbacks.throughput.window_size=2"]
+         "data.train_size=null", "callbacks.learning_curve.every_n_epochs=1", "callbacks.throughput.window_size=2"]
+CURVE_METRIC = "eval/fashion_mnist_val/zeroshot_top1"  # the learning curve (conf/experiment/noisy_captions.yaml)
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
     """Split ``key=value`` arguments into the study's settings and the overrides passed on to train.py."""
     parser = argparse.ArgumentParser(prog="python -m psdclip.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
-    parser.add_argument("settings", nargs="*", help="noise=…, seeds=N, methods=…, metrics=…, out=DIR, and train.py overrides")
+    parser.add_argument("settings", nargs="*", help="noise=…, kinds=…, seeds=N, first_seed=S, methods=…, split=test|val, "
+                        "metrics=…, out=DIR, and train.py overrides")
     args = parser.parse_args(argv)
     settings, overrides = dict(STUDY_KEYS), []
     for item in args.settings:
@@ -49,70 +58,106 @@ def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
             settings[key] = value
         else:
             overrides.append(item)
-    if not settings["seeds"].isdigit() or int(settings["seeds"]) < 1:
-        parser.error(f"seeds must be a positive count, got {settings['seeds']!r}")
+    for key in ("seeds", "first_seed"):
+        if not settings[key].isdigit() or (key == "seeds" and int(settings[key]) < 1):
+            parser.error(f"{key} must be a {'positive ' if key == 'seeds' else ''}whole number, got {settings[key]!r}")
+    if settings["split"] not in ("test", "val"):
+        parser.error(f"split must be test or val, got {settings['split']!r}")
     return settings, overrides, args.quick
 
 
-def command(settings: dict, overrides: list[str], quick: bool, sweep_dir: Path) -> list[str]:
-    seeds = ",".join(str(seed) for seed in range(int(settings["seeds"])))
-    return [sys.executable, str(TRAIN_SCRIPT), "-m", "experiment=noisy_captions", f"loss={settings['methods']}",
-            f"data.noise={settings['noise']}", f"seed={seeds}", f"hydra.sweep.dir={sweep_dir}",
-            *(QUICK if quick else []), *overrides]
+def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path) -> list[list[str]]:
+    """One multirun for clean data (if asked) and one for the noisy levels × kinds."""
+    first = int(settings["first_seed"])
+    seeds = ",".join(str(seed) for seed in range(first, first + int(settings["seeds"])))
+    levels = [level for level in settings["noise"].split(",") if level.strip()]
+    clean, noisy = [lv for lv in levels if float(lv) == 0], [lv for lv in levels if float(lv) != 0]
+    base = [sys.executable, str(TRAIN_SCRIPT), "-m", "experiment=noisy_captions", f"loss={settings['methods']}", f"seed={seeds}",
+            f"evaluation.datasets.fashion_mnist.split={settings['split']}", *(QUICK if quick else []), *overrides]
+    runs = []
+    if clean:
+        runs.append([*base, "data.noise=0", "data.noise_kind=flip", f"hydra.sweep.dir={study_dir / 'clean'}"])
+    if noisy:
+        runs.append([*base, f"data.noise={','.join(noisy)}", f"data.noise_kind={settings['kinds']}",
+                     f"hydra.sweep.dir={study_dir / 'noisy'}"])
+    return runs
 
 
-def runs_table(sweep_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    jobs = load_jobs(sweep_dir)
+def best_on_curve(job_dir: Path, metric: str) -> float | None:
+    """The best value of ``metric`` over the run's evaluations (its CSV log), the final one included."""
+    values = [pd.read_csv(path)[metric].dropna() for path in job_dir.glob("csv/metrics.csv") if metric in pd.read_csv(path, nrows=0)]
+    return float(max(series.max() for series in values)) if values and any(len(v) for v in values) else None
+
+
+def runs_table(study_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    jobs = [job for sweep in sorted(study_dir.iterdir()) if sweep.is_dir() and list(sweep.glob("*/.hydra"))
+            for job in load_jobs(sweep)]
+    if not jobs:
+        raise FileNotFoundError(f"no study runs under {study_dir}")
     metrics = select_metrics(jobs, patterns)
     if not metrics:
         raise ValueError(f"no run measured a metric matching {patterns}")
-    rows = [{"method": job.summary["method"], "noise": job.summary["noise"], "seed": job.overrides.get("seed"),
-             **{metric: job.metrics.get(metric) for metric in metrics}, "wall_time_s": job.summary.get("wall_time_s")} for job in jobs]
-    return pd.DataFrame(rows), metrics
+    rows = []
+    for job in jobs:
+        noise = float(job.summary["noise"])
+        row = {"method": job.overrides.get("loss", job.summary["method"]), "kind": job.summary.get("noise_kind") if noise else "clean",
+               "noise": noise, "seed": job.overrides.get("seed"), **{metric: job.metrics.get(metric) for metric in metrics}}
+        for metric in metrics:
+            if metric.endswith(CURVE_METRIC):
+                row[f"{metric}_best"] = best_on_curve(job.directory, metric)
+        rows.append({**row, "wall_time_s": job.summary.get("wall_time_s")})
+    frame = pd.DataFrame(rows)
+    return frame, [*metrics, *[f"{m}_best" for m in metrics if m.endswith(CURVE_METRIC)]]
 
 
 def aggregate(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per metric and noise level: each method's mean ± std over seeds, and PSD − CLIP when both ran."""
-    grouped = runs.groupby(["noise", "method"])[metrics]
+    """Per metric, kind and noise level: each method's mean ± std over seeds, and each method − CLIP."""
+    kinds = sorted(runs["kind"].unique(), key=lambda k: (k != "clean", k))
+    methods = sorted(runs["method"].unique(), key=lambda m: (m != "clip", m))
+    grouped = runs.groupby(["kind", "noise", "method"])[metrics]
     mean, std, count = grouped.mean(), grouped.std(), grouped.count()
     rows = []
     for metric in metrics:
-        for noise in sorted(runs["noise"].unique()):
-            row = {"metric": metric, "noise": noise}
-            for method in sorted(runs["method"].unique()):
-                if (noise, method) in mean.index:
-                    m, s, n = mean.loc[(noise, method), metric], std.loc[(noise, method), metric], count.loc[(noise, method), metric]
-                    row[method] = f"{m:.4f} ± {s:.4f} (n={n})" if n > 1 else f"{m:.4f} (n=1)"
-            if {"clip", "psd"} <= set(runs["method"]) and (noise, "clip") in mean.index and (noise, "psd") in mean.index:
-                row["psd − clip"] = f"{mean.loc[(noise, 'psd'), metric] - mean.loc[(noise, 'clip'), metric]:+.4f}"
-            rows.append(row)
+        for kind in kinds:
+            for noise in sorted(runs.loc[runs["kind"] == kind, "noise"].unique()):
+                row = {"metric": metric, "kind": kind, "noise": noise}
+                for method in methods:
+                    key = (kind, noise, method)
+                    if key in mean.index and count.loc[key, metric]:
+                        m, s, n = mean.loc[key, metric], std.loc[key, metric], count.loc[key, metric]
+                        row[method] = f"{m:.4f} ± {s:.4f} (n={n})" if n > 1 else f"{m:.4f} (n=1)"
+                for method in methods:
+                    if method != "clip" and (kind, noise, "clip") in mean.index and (kind, noise, method) in mean.index:
+                        row[f"{method} − clip"] = f"{mean.loc[(kind, noise, method), metric] - mean.loc[(kind, noise, 'clip'), metric]:+.4f}"
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
 def plot(runs: pd.DataFrame, metrics: list[str], path: Path) -> None:
-    columns = min(3, len(metrics))
-    rows = -(-len(metrics) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
-    for axis, metric in zip(axes.flat, metrics):
-        for method, group in runs.groupby("method"):
-            stats = group.groupby("noise")[metric].agg(["mean", "std"])
-            axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method.upper())
-        axis.set(xlabel="caption noise (fraction of wrong captions)", ylabel=metric.split("/")[-1], title=metric)
-        axis.title.set_fontsize(9)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    for axis in list(axes.flat)[len(metrics):]:
-        axis.set_visible(False)
-    seeds = runs.groupby(["method", "noise"]).size().max()
+    """One row of panels per metric, one column per noise kind (clean data is each kind's noise-0 point)."""
+    kinds = sorted(k for k in runs["kind"].unique() if k != "clean") or ["clean"]
+    figure, axes = plt.subplots(len(metrics), len(kinds), figsize=(4.8 * len(kinds), 3.4 * len(metrics)), squeeze=False)
+    for row, metric in enumerate(metrics):
+        for column, kind in enumerate(kinds):
+            axis = axes[row][column]
+            data = runs[runs["kind"].isin([kind, "clean"])]
+            for method, group in data.groupby("method"):
+                stats = group.groupby("noise")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
+                axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
+            axis.set(xlabel=f"caption noise ({kind})", ylabel=metric.split("/")[-1])
+            axis.set_title(metric, fontsize=8)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+    seeds = runs.groupby(["method", "kind", "noise"]).size().max()
     figure.suptitle(f"CLIP vs PSD under caption noise (mean ± std over {seeds} seed(s))", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
-    figure.savefig(path, dpi=120)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave room for the title
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def summarise(sweep_dir: Path, patterns: list[str]) -> dict[str, Path]:
-    runs, metrics = runs_table(sweep_dir, patterns)
-    paths = {"runs": sweep_dir / "study.csv", "table": sweep_dir / "study.md", "plot": sweep_dir / "study.png"}
+def summarise(study_dir: Path, patterns: list[str]) -> dict[str, Path]:
+    runs, metrics = runs_table(study_dir, patterns)
+    paths = {"runs": study_dir / "study.csv", "table": study_dir / "study.md", "plot": study_dir / "study.png"}
     runs.to_csv(paths["runs"], index=False)
     table = markdown(aggregate(runs, metrics))
     paths["table"].write_text(f"# Noisy-caption study ({len(runs)} runs)\n\n{table}")
@@ -124,13 +169,13 @@ def summarise(sweep_dir: Path, patterns: list[str]) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> None:
     settings, overrides, quick = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sweep_dir = Path(settings["out"] or f"logs/noisy_captions/study_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
-    cmd = command(settings, overrides, quick, sweep_dir)
-    log.info("running %s", " ".join(cmd))
+    study_dir = Path(settings["out"] or f"logs/noisy_captions/study_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     started = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    for cmd in commands(settings, overrides, quick, study_dir):
+        log.info("running %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
     log.info("study trainings took %.1f min", (time.perf_counter() - started) / 60)
-    for kind, path in summarise(sweep_dir, settings["metrics"].split(",")).items():
+    for kind, path in summarise(study_dir, settings["metrics"].split(",")).items():
         print(f"{kind}: {path}")
 
 

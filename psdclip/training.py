@@ -50,8 +50,10 @@ def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
     summary = {
         "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
         "alpha_max": cfg.loss.alpha_max,
+        "subset": cfg.loss.subset,
         "teacher": cfg.loss.teacher,
         "noise": cfg.data.get("noise"),
+        "noise_kind": cfg.data.get("noise_kind"),
         "zeroshot_top1": next(iter(zeroshot.values()), None),
         "wall_time_s": round(wall_time, 1),
         "steps": trainer.global_step,

@@ -28,7 +28,8 @@ def class_images(labels: np.ndarray, seed: int) -> np.ndarray:
     return images
 
 
-def make_fashion_mnist(folder: Path, train: int = 320, test: int = 100) -> Path:
+def make_fashion_mnist(folder: Path, train: int = 349, test: int = 100) -> Path:
+    """Idx files of `train` and `test` images; the embedded train split is 320 of the 349 (the rest is `val`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, count, seed in (("train", train, 0), ("t10k", test, 1)):
         labels = np.arange(count) % 10

@@ -69,9 +69,11 @@ def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir,
     loader = data.train_dataloader()
     batches = list(loader)
     assert len(loader) == len(batches) == 10
-    images, tokens, skipped = batches[0]  # the DataModule takes the skip counts off before the model sees the batch
+    images, tokens, skipped, marks = batches[0]  # the DataModule takes the skip counts off before the model sees the batch
     assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
     assert skipped.sum() == 0
+    # each sample's noise mark is its json's "corrupted" flag (data.noise defaults to 0.3)
+    assert marks.dtype == torch.int8 and set(marks.tolist()) == {0, 1}
     # the next epoch streams the samples in a different order
     assert not torch.equal(next(iter(loader))[1], tokens)
 
@@ -112,3 +114,73 @@ def test_evaluation_on_missing_fashion_mnist_fails_at_start_up(tmp_path):
     for build in (FashionMNISTEvalSet, EmbeddedEvalSamples):
         with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
             build(source_dir=str(tmp_path), cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["flip", "swap", "generic"])
+def test_each_noise_kind_is_written_with_its_flags_and_read_back(fashion_mnist_dir, tmp_path, kind):
+    from psdclip.data.embedded import CAPTION_TEMPLATES, GENERIC_CAPTIONS
+
+    shards = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.4, noise_kind=kind, shard_size=100)
+    shards.ensure()
+    samples = read_samples(shards.pattern)
+    assert len(samples) == 320 and f"-{kind}-" in shards.directory.name
+    wrong = [s for s in samples if s["json"]["corrupted"]]
+    assert abs(len(wrong) / len(samples) - 0.4) < 0.08
+    clean_text = {s["__key__"]: s["txt"] for s in samples if not s["json"]["corrupted"]}
+    for sample in samples:
+        meta = sample["json"]
+        if not meta["corrupted"]:
+            assert meta["caption_label"] == meta["label"] and CLASSNAMES[meta["label"]] in sample["txt"]
+        elif kind == "generic":
+            assert meta["caption_label"] == -1 and sample["txt"] in GENERIC_CAPTIONS
+        else:  # flip and swap name another class, in a caption template
+            assert meta["caption_label"] not in (meta["label"], -1)
+            assert CLASSNAMES[meta["caption_label"]] in sample["txt"]
+            assert any(sample["txt"] == t.format(c=CLASSNAMES[meta["caption_label"]]) for t in CAPTION_TEMPLATES)
+        if kind == "swap" and meta["corrupted"]:
+            donor = f"{meta['swapped_from']:06d}"
+            assert samples[meta["swapped_from"]]["json"]["label"] == meta["caption_label"]
+            assert donor not in clean_text or clean_text[donor] == sample["txt"]  # the donor's own caption
+
+
+def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, tmp_path):
+    from psdclip.data.pipeline import noise_mark
+
+    assert [noise_mark(s) for s in ({"json": b'{"corrupted": true}'}, {"json": b'{"corrupted": false}'}, {"json": b"{}"},
+                                    {"json": b"not json"}, {"json": b"[1]"}, {"txt": b"x"})] == [1, 0, -1, -1, -1, -1]
+    clip = create_clip("psdclip-vit-tiny")
+    data = EmbeddedDataModule(str(fashion_mnist_dir), str(tmp_path), noise=0.4, noise_kind="swap", shard_size=100,
+                              batch_size=320, num_workers=0, transform=clip.train_transform, tokenizer=clip.tokenizer)
+    data.prepare_data()
+    ((_, _, _, marks),) = list(data.train_dataloader())  # one batch: the whole epoch, every sample once
+    assert marks.sum().item() == sum(s["json"]["corrupted"] for s in read_samples(data.shards.pattern)) > 0
+
+
+def test_shard_cache_separates_noise_kinds_and_sizes(fashion_mnist_dir, tmp_path):
+    make = lambda **kw: FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kw).directory  # noqa: E731
+    folders = {make(noise=0.4), make(noise=0.4, noise_kind="swap"), make(noise=0.4, noise_kind="generic"),
+               make(noise=0.4, size=100), make(noise=0.0)}
+    assert len(folders) == 5
+    assert make(noise=0.0) == make(noise=0.0, noise_kind="swap")  # the kind of no noise is no setting
+
+
+def test_val_split_is_held_out_clean_and_disjoint_from_train(fashion_mnist_dir, tmp_path):
+    from psdclip.data.embedded import find_idx, read_idx
+
+    val = FashionMNISTShards("val", str(fashion_mnist_dir), str(tmp_path), noise=0.5)
+    train = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.5)
+    assert (val.num_samples, train.num_samples) == (29, 320)
+    val.ensure()
+    samples = read_samples(val.pattern)
+    pixels = read_idx(find_idx(fashion_mnist_dir, "train-images-idx3-ubyte"))
+    for index, sample in enumerate(samples):
+        assert not sample["json"]["corrupted"] and len(sample["json"]["captions"]) == 5
+        assert np.array_equal(np.asarray(sample["png"]), pixels[320 + index])  # the last 29 training images
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(noise_kind="typo"), "unknown data.noise_kind 'typo'"),
+                                            (dict(size=400), "data.train_size=400 is more than the 320 images"),
+                                            (dict(size=0), "data.train_size must be a positive")])
+def test_bad_data_settings_are_refused(fashion_mnist_dir, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kwargs).num_samples

@@ -7,6 +7,9 @@ from open_clip.loss import ClipLoss
 
 from psdclip.loss import PSDLoss, direction_loss
 
+# the rule these tests were written for: a random D, the self teacher, soft targets over D (loss=psd_random)
+RANDOM = dict(subset="random", teacher="self", scope="subset")
+
 
 def features(n=8, dim=6, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -26,9 +29,9 @@ def test_alpha_zero_equals_open_clip(n):
     scale = torch.tensor(14.3)
     expected = ClipLoss()(image, text, scale)
     per_image, per_text = logits_of(image, text, scale)
-    out = PSDLoss(alpha_max=0.0)(per_image, per_text, torch.arange(n), alpha=0.0, step=3)
-    assert torch.allclose(out["loss"], expected, atol=1e-6)
-    assert out["distill_count"] == 0 and "loss_soft" not in out
+    out = PSDLoss(alpha_max=0.0).from_logits(per_image, per_text, torch.arange(n), alpha=0.0, step=3)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert out.stats["distill_count"] == 0 and "loss_soft" not in out.stats
 
 
 def test_clip_config_equals_open_clip_at_any_step():
@@ -36,8 +39,8 @@ def test_clip_config_equals_open_clip_at_any_step():
     loss = PSDLoss(alpha_max=0.0, schedule="constant")
     per_image, per_text = logits_of(image, text)
     for step in (0, 50, 99):
-        out = loss(per_image, per_text, torch.arange(32), loss.schedule(step, 100), step)
-        assert torch.allclose(out["loss"], ClipLoss()(image, text, torch.tensor(10.0)), atol=1e-6)
+        out = loss.from_logits(per_image, per_text, torch.arange(32), loss.schedule(step, 100), step)
+        assert torch.allclose(out.loss, ClipLoss()(image, text, torch.tensor(10.0)), atol=1e-6)
 
 
 def reference_psd(per_image, teacher, distilled, scope, tau, mix):
@@ -69,40 +72,40 @@ def test_matches_hand_computation(scope, tau, mix, teacher):
     n, alpha, step = 10, 0.45, 7
     image, text = features(n, dtype=torch.float64)
     per_image, per_text = logits_of(image, text)
-    loss = PSDLoss(alpha_max=0.9, teacher=teacher, scope=scope, tau_teacher=tau, mix=mix, seed=3)
+    loss = PSDLoss(alpha_max=0.9, subset="random", teacher=teacher, scope=scope, tau_teacher=tau, mix=mix, seed=3)
     teacher_logits = None
     teacher_per_image = per_image
     if teacher == "ema":
         t_image, t_text = features(n, seed=5, dtype=torch.float64)
         teacher_per_image = 12.0 * t_image @ t_text.T
         teacher_logits = (teacher_per_image, teacher_per_image.T)
-    out = loss(per_image, per_text, torch.arange(n), alpha, step, teacher_logits)
+    out = loss.from_logits(per_image, per_text, torch.arange(n), alpha, step, teacher_logits)
     distilled = loss.distill_mask(n, alpha, step)
-    assert out["distill_count"] == math.floor(alpha * n) == 4
+    assert out.stats["distill_count"] == math.floor(alpha * n) == 4
     expected = reference_psd(per_image, teacher_per_image, distilled, scope, tau, mix)
-    assert torch.allclose(out["loss"], expected, atol=1e-10)
+    assert torch.allclose(out.loss, expected, atol=1e-10)
 
 
 def test_hard_and_soft_parts_partition_the_loss():
     n = 20
     image, text = features(n)
     per_image, per_text = logits_of(image, text)
-    loss = PSDLoss(alpha_max=0.5)
-    out = loss(per_image, per_text, torch.arange(n), 0.5, 0)
-    k = int(out["distill_count"])
+    loss = PSDLoss(alpha_max=0.5, **RANDOM)
+    out = loss.from_logits(per_image, per_text, torch.arange(n), 0.5, 0)
+    k = int(out.stats["distill_count"])
     assert k == 10
-    assert torch.allclose(out["loss"], (k * out["loss_soft"] + (n - k) * out["loss_hard"]) / n, atol=1e-6)
-    assert 0 < out["soft_target_diagonal"] < 1
-    assert 0 < out["soft_target_entropy"] <= math.log(k) + 1e-6
+    assert torch.allclose(out.loss, (k * out.stats["loss_soft"] + (n - k) * out.stats["loss_hard"]) / n, atol=1e-6)
+    assert 0 < out.stats["soft_target_diagonal"] < 1
+    assert 0 < out.stats["soft_target_entropy"] <= math.log(k) + 1e-6
 
 
 def test_soft_target_statistics_on_a_perfect_teacher():
     """A teacher sure of every given pair puts all its mass on the diagonal, with zero entropy."""
     n = 12
     per_image = torch.eye(n) * 50.0
-    out = PSDLoss(alpha_max=0.9)(per_image, per_image.T, torch.arange(n), 0.5, 0)
-    assert torch.isclose(out["soft_target_diagonal"], torch.tensor(1.0))
-    assert out["soft_target_entropy"] < 1e-6
+    out = PSDLoss(alpha_max=0.9, **RANDOM).from_logits(per_image, per_image.T, torch.arange(n), 0.5, 0)
+    assert torch.isclose(out.stats["soft_target_diagonal"], torch.tensor(1.0))
+    assert out.stats["soft_target_entropy"] < 1e-6
 
 
 def test_subset_scope_puts_no_mass_outside_the_subset():
@@ -123,9 +126,9 @@ def test_local_rows_give_the_same_loss_as_the_whole_batch():
     n = 16
     image, text = features(n)
     per_image, per_text = logits_of(image, text)
-    loss = PSDLoss(alpha_max=0.9)
-    whole = loss(per_image, per_text, torch.arange(n), 0.5, 11)["loss"]
-    halves = [loss(per_image[r], per_text[r], torch.arange(n)[r], 0.5, 11)["loss"] for r in (slice(0, 8), slice(8, 16))]
+    loss = PSDLoss(alpha_max=0.9, **RANDOM)
+    whole = loss.from_logits(per_image, per_text, torch.arange(n), 0.5, 11).loss
+    halves = [loss.from_logits(per_image[r], per_text[r], torch.arange(n)[r], 0.5, 11).loss for r in (slice(0, 8), slice(8, 16))]
     assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)
 
 
@@ -138,13 +141,13 @@ def test_gradcheck(scope, tau, mix):
     image.requires_grad_(True)
     text.requires_grad_(True)
     scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-    loss = PSDLoss(alpha_max=0.9, scope=scope, tau_teacher=tau, teacher="ema", mix=mix)
+    loss = PSDLoss(alpha_max=0.9, subset="random", scope=scope, tau_teacher=tau, teacher="ema", mix=mix)
     t_image, t_text = features(n, dim, seed=9, dtype=torch.float64)
     teacher_logits = (8 * t_image @ t_text.T, 8 * t_text @ t_image.T)
 
     def fn(image, text, scale):
         per_image = scale * image @ text.T
-        return loss(per_image, per_image.T, torch.arange(n), 0.5, 2, teacher_logits)["loss"]
+        return loss.from_logits(per_image, per_image.T, torch.arange(n), 0.5, 2, teacher_logits).loss
 
     assert torch.autograd.gradcheck(fn, (image, text, scale))
 
@@ -154,10 +157,10 @@ def test_self_teacher_is_detached():
     n = 6
     image, text = features(n, dtype=torch.float64)
     logits = (5 * image @ text.T).requires_grad_(True)
-    loss = PSDLoss(alpha_max=0.9, seed=1)
-    loss(logits, logits.T, torch.arange(n), 0.5, 0)["loss"].backward()
+    loss = PSDLoss(alpha_max=0.9, seed=1, **RANDOM)
+    loss.from_logits(logits, logits.T, torch.arange(n), 0.5, 0).loss.backward()
     frozen = logits.detach().clone().requires_grad_(True)
-    loss(frozen, frozen.T, torch.arange(n), 0.5, 0, teacher_logits=(logits.detach(), logits.detach().T))["loss"].backward()
+    loss.from_logits(frozen, frozen.T, torch.arange(n), 0.5, 0, teacher_logits=(logits.detach(), logits.detach().T)).loss.backward()
     assert torch.allclose(logits.grad, frozen.grad)
 
 
@@ -173,7 +176,7 @@ def test_distill_mask_is_reproducible_and_varies_by_step():
     [
         (dict(alpha_max=1.0), "alpha_max must be in \\[0, 1\\)"),
         (dict(alpha_max=-0.1), "alpha_max must be in \\[0, 1\\)"),
-        (dict(teacher="self", scope="batch", tau_teacher=1.0), "no learning signal"),
+        (dict(subset="random", teacher="self", scope="batch", tau_teacher=1.0), "no learning signal"),
         (dict(teacher="oracle"), "unknown teacher"),
         (dict(scope="everything"), "unknown scope"),
         (dict(tau_teacher=0.0), "tau_teacher must be > 0"),
@@ -189,3 +192,103 @@ def test_refused_settings(kwargs, message):
 def test_self_teacher_sharpening_over_the_batch_is_allowed():
     PSDLoss(teacher="self", scope="batch", tau_teacher=0.5)
     PSDLoss(teacher="ema", scope="batch", tau_teacher=1.0)
+
+
+def planted_batch(n=16, corrupted=(2, 5, 11), dim=32, seed=0):
+    """Aligned pairs (text ≈ image) except the planted ones, whose text belongs to no image in the batch."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    text = image + 0.1 * torch.randn(n, dim, generator=g)
+    text[list(corrupted)] = torch.randn(len(corrupted), dim, generator=g)
+    return image, F.normalize(text, dim=-1)
+
+
+@pytest.mark.parametrize("teacher", ["self", "ema"])
+def test_doubt_picks_the_planted_corrupted_pairs(teacher):
+    planted = (2, 5, 11)
+    image, text = planted_batch(corrupted=planted)
+    loss = PSDLoss(alpha_max=3 / 16, schedule="constant", subset="doubt", teacher=teacher)
+    teacher_features = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(20.0)}
+    # the student is random: D follows the teacher (the student's own logits with the self teacher)
+    student = features(16, 32) if teacher == "ema" else (image, text)
+    out = loss(*student, torch.tensor(20.0), step=0, total_steps=10,
+               teacher_features=teacher_features if teacher == "ema" else None)
+    assert torch.nonzero(out.distill).flatten().tolist() == list(planted)
+
+
+def test_doubt_breaks_ties_towards_the_lower_index():
+    from psdclip.loss import most_doubted
+
+    assert most_doubted(torch.tensor([0.5, 0.1, 0.1, 0.9, 0.1]), 2).tolist() == [False, True, True, False, False]
+
+
+def test_doubt_with_the_self_teacher_over_the_batch_truncates_the_doubted_pairs():
+    """Soft target = the row's own prediction: doubted rows carry no gradient (loss truncation), the others are CLIP's."""
+    image, text = planted_batch()
+    logits = (20 * image @ text.T).requires_grad_(True)
+    loss = PSDLoss(alpha_max=0.25, schedule="constant", subset="doubt", teacher="self", scope="batch")
+    out = loss.from_logits(logits, logits.T, torch.arange(16), 0.25, 0)
+    out.loss.backward()
+    doubted = out.distill
+    assert doubted.sum() == 4
+    assert logits.grad[doubted][:, doubted].abs().max() < 1e-7  # no pull between two doubted pairs, either direction
+    keep = ~doubted
+    clip_rows = 0.5 * (F.cross_entropy(logits[keep], torch.arange(16)[keep], reduction="sum")
+                       + F.cross_entropy(logits.T[keep], torch.arange(16)[keep], reduction="sum")) / 16
+    (reference,) = torch.autograd.grad(clip_rows, logits)
+    torch.testing.assert_close(logits.grad, reference, atol=1e-7, rtol=1e-5)
+
+
+def test_subset_precision_and_recall_equal_a_hand_count():
+    from psdclip.loss import subset_quality
+
+    distill = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
+    marks = torch.tensor([1, 0, 1, 1, 0, 0, -1, 1], dtype=torch.int8)
+    # marked pairs: 0..5 and 7; corrupted: 0, 2, 3, 7; D ∩ marked: 0, 1, 2; caught: 0, 2
+    stats = subset_quality(distill, marks)
+    assert stats["batch_noise"].item() == pytest.approx(4 / 7)
+    assert stats["distill_precision"].item() == pytest.approx(2 / 3)
+    assert stats["distill_recall"].item() == pytest.approx(2 / 4)
+    assert subset_quality(distill, torch.full((8,), -1, dtype=torch.int8)) == {}
+    assert subset_quality(torch.zeros(8, dtype=torch.bool), marks)["distill_precision"] is None
+
+
+def test_the_noise_marks_reach_the_logged_statistics():
+    image, text = planted_batch()
+    marks = torch.zeros(16, dtype=torch.int8)
+    marks[[2, 5, 11]] = 1
+    loss = PSDLoss(alpha_max=0.25, schedule="constant", subset="doubt", teacher="self", scope="subset")
+    out = loss(image, text, torch.tensor(20.0), 0, 10, noise_marks=marks)
+    assert out.stats["distill_precision"] == 0.75 and out.stats["distill_recall"] == 1.0
+    assert out.stats["batch_noise"] == pytest.approx(3 / 16)
+
+
+@pytest.mark.parametrize("rule", [dict(subset="doubt", teacher="ema", scope="batch", mix=0.7), RANDOM])
+def test_targets_are_the_ones_the_loss_used(rule):
+    n = 12
+    image, text = features(n, dtype=torch.float64)
+    t_image, t_text = features(n, seed=4, dtype=torch.float64)
+    loss = PSDLoss(alpha_max=0.5, schedule="constant", **rule)
+    out = loss(image, text, torch.tensor(10.0, dtype=torch.float64), 3, 10,
+               teacher_features={"image_features": t_image, "text_features": t_text, "logit_scale": torch.tensor(12.0)})
+    targets = loss.targets(out)
+    assert out.distill.sum() == 6 and torch.allclose(targets.sum(dim=1), torch.ones(n, dtype=torch.float64))
+    assert torch.equal(targets[~out.distill], F.one_hot(torch.arange(n), n)[~out.distill].to(targets.dtype))
+    used = direction_loss(out.logits_per_image, out.teacher_logits_per_image, out.labels, out.distill,
+                          loss.scope, loss.tau_teacher, loss.mix)
+    by_hand = -(targets * out.logits_per_image.log_softmax(dim=1)).sum(dim=1)
+    torch.testing.assert_close(by_hand, used.per_row)
+
+
+def test_only_the_ema_teacher_of_a_distilling_loss_is_built():
+    from psdclip.teacher import EMATeacher
+
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(PSDLoss(teacher="ema", ema_decay=0.9).make_teacher(model), EMATeacher)
+    assert PSDLoss(**RANDOM).make_teacher(model) is None
+    assert PSDLoss(alpha_max=0.0, teacher="ema").make_teacher(model) is None  # plain CLIP never pays for a teacher
+
+
+def test_unknown_subset_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown subset 'hardest'; choose one of \\('random', 'doubt'\\)"):
+        PSDLoss(subset="hardest")

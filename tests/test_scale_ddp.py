@@ -14,15 +14,21 @@ from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
 
 WORLD, PER_RANK = 2, 8
+RANDOM = dict(subset="random", scope="subset")  # the random rule (loss=psd_random)
+DOUBT = dict(subset="doubt", scope="batch")  # the default rule: D = the pairs the teacher doubts most
 CASES = [  # (loss settings, local_loss)
     (dict(alpha_max=0.0, schedule="constant"), False),
     (dict(alpha_max=0.0, schedule="constant"), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="self"), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="self"), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9), True),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), False),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), True),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), False),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), True),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), False),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), True),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **DOUBT), True),
 ]
-IDS = ["clip", "clip-local", "psd-self", "psd-self-local", "psd-ema", "psd-ema-local"]
+IDS = ["clip", "clip-local", "psd-self", "psd-self-local", "psd-ema", "psd-ema-local", "doubt-ema", "doubt-ema-local",
+       "doubt-self-truncation-local"]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +41,7 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def make_module(loss_kwargs: dict, local_loss: bool) -> PSDCLIPModule:
     torch.manual_seed(0)
     module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(**loss_kwargs, local_loss=local_loss),
-                           lr=1e-3, warmup_steps=1)
+                           lr=1e-3, warmup_steps=1, eps=1e-4)
     if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():
@@ -52,6 +58,7 @@ class Capture(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.loss = trainer.callback_metrics["train/loss"].clone()
+        self.distill = outputs["psd"].distill.cpu().clone()
 
 
 class OneBatch:
@@ -72,7 +79,7 @@ def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
                         use_distributed_sampler=False, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=OneBatch(batch))
     teacher = module.teacher.average.module if module.teacher is not None else None
-    return {"loss": capture.loss, "grads": capture.grads,
+    return {"loss": capture.loss, "grads": capture.grads, "distill": capture.distill,
             "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
             "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {}}
 
@@ -111,11 +118,14 @@ def test_ddp_step_equals_single_process(ddp_results, index):
     for rank in range(WORLD):
         result = torch.load(ddp_results / f"case{index}-rank{rank}.pt")
         torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(result["distill"], reference["distill"]), "D differs between the ranks and one process"
+        assert result["distill"].sum() == (WORLD * PER_RANK) // 2 or loss_kwargs["alpha_max"] == 0
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             assert grad.abs().max() > 0 or name == "logit_scale", f"{name}: zero gradient, the test cannot tell"
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        # after the AdamW step (lr 1e-3; Adam's first step ~ lr·sign(g) magnifies rounding in tiny gradients)
+        # after the AdamW step (lr 1e-3; eps 1e-4 above gradient rounding: its first step ~ lr·g/(|g| + eps) would
+        # otherwise turn a 1e-8 rounding difference in a ~1e-7 gradient into a 1e-5 weight difference)
         for group in ("weights", "teacher"):  # the EMA teacher agrees on every rank
             for name, value in reference[group].items():
                 torch.testing.assert_close(result[group][name], value, rtol=1e-4, atol=1e-5)

@@ -71,7 +71,7 @@ def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
     "overrides,message",
     [
         (["loss.alpha_max=1.0"], "alpha_max must be in \\[0, 1\\)"),
-        (["loss.scope=batch"], "no learning signal"),
+        (["loss=psd_random", "loss.scope=batch"], "no learning signal"),
         (["data.noise=-0.2"], "data.noise must be a fraction"),
     ],
 )

@@ -13,14 +13,12 @@ import lightning as L
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from psdclip.data.sources import expand_shards
 from psdclip.eval.zeroshot import classifier_weights
-from psdclip.loss import soft_targets
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -70,8 +68,8 @@ class MediaCallback(L.Callback):
 
     Args:
         every_n_steps: heatmaps after optimiser steps 1, 1 + n, 1 + 2n, …
-        max_pairs: the heatmaps show the first ``max_pairs`` pairs of the batch (their targets are computed on the
-            whole batch, with the step's real distillation subset D).
+        max_pairs: the heatmaps show this rank's first ``max_pairs`` pairs: the logits and targets the loss of that
+            step used (over the whole batch, with its distillation subset D).
         eval_samples: labelled captioned images for the confusion matrix and retrieval tables (None: skip them).
         queries, top_k: retrieval tables show ``top_k`` matches for each of ``queries`` queries per direction.
         save_dir: folder for the PNG/Markdown copies.
@@ -113,39 +111,20 @@ class MediaCallback(L.Callback):
             self.save_dir.mkdir(parents=True, exist_ok=True)
             (self.save_dir / f"{key.replace('/', '_')}.md").write_text(markdown + "\n")
 
-    # ---- every N steps: what the loss sees ----------------------------------------------------------------------
-    @torch.no_grad()
-    def batch_matrices(self, pl_module, batch) -> dict[str, torch.Tensor]:
-        """Student logits, targets and the subset D of this rank's batch, as the loss of the step just taken saw them."""
-        images, texts = batch
-        was_training = pl_module.training
-        pl_module.eval()  # no BatchNorm statistics updates from this extra pass
-        outputs = pl_module.model(images, texts)
-        teacher = pl_module.teacher(images, texts) if pl_module.teacher is not None else outputs
-        pl_module.train(was_training)
-        loss, trainer = pl_module.loss, pl_module.trainer
-        step = trainer.global_step - 1
-        alpha = loss.schedule(step, trainer.estimated_stepping_batches)
-        n = len(images)
-        logits = outputs["logit_scale"].float() * outputs["image_features"].float() @ outputs["text_features"].float().T
-        teacher_logits = teacher["logit_scale"].float() * teacher["image_features"].float() @ teacher["text_features"].float().T
-        # this rank's pairs are the first n of the global batch on rank 0, where media are logged
-        distill = loss.distill_mask(n * trainer.world_size, alpha, step)[:n].to(logits.device)
-        own = torch.arange(n, device=logits.device)
-        targets = F.one_hot(own, n).float()
-        if distill.any():
-            targets[distill] = soft_targets(teacher_logits[distill], own[distill], distill, loss.scope, loss.tau_teacher, loss.mix)[0]
-        return {"logits": logits, "targets": targets, "distill": distill, "alpha": torch.tensor(alpha)}
-
+    # ---- every N steps: what the loss saw ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero or (trainer.global_step - 1) % self.every_n_steps:
+        if not trainer.is_global_zero or (trainer.global_step - 1) % self.every_n_steps or not isinstance(outputs, dict):
             return
-        matrices = self.batch_matrices(pl_module, batch)
-        k = min(self.max_pairs, len(matrices["distill"]))
-        distill = matrices["distill"][:k].cpu()
-        title = f"step {trainer.global_step}, alpha {float(matrices['alpha']):.3f}, first {k} pairs (D rows marked)"
-        for key, matrix, label in (("media/similarity", matrices["logits"], "logit"), ("media/soft_targets", matrices["targets"], "target mass")):
-            self._figure(trainer.loggers, key, heatmap(matrix[:k, :k].cpu().numpy(), distill.numpy(), title, label), trainer.global_step)
+        step = outputs["psd"]  # the loss's output of this step: its logits, D and (through the loss) its targets
+        k = min(self.max_pairs, len(step.labels))
+        rows = step.labels[:k]
+        distill = step.distill[rows].cpu()
+        alpha = float(step.stats["alpha"])
+        title = f"step {trainer.global_step}, alpha {alpha:.3f}, first {k} pairs (D rows marked)"
+        for key, matrix, label in (("media/similarity", step.logits_per_image, "logit"),
+                                   ("media/soft_targets", pl_module.loss.targets(step), "target mass")):
+            picture = heatmap(matrix[:k][:, rows].float().cpu().numpy(), distill.numpy(), title, label)
+            self._figure(trainer.loggers, key, picture, trainer.global_step)
 
     # ---- after training: zero-shot confusion matrix, retrieval examples, summary --------------------------------
     @torch.no_grad()

@@ -107,9 +107,9 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Keep the skip counts the batch carries; the model gets (images, tokens)."""
-        if len(batch) == 3:
-            images, tokens, skipped = batch
+        """Keep the skip counts the batch carries; the model gets (images, tokens, noise marks)."""
+        if len(batch) == 4:
+            images, tokens, skipped, marks = batch
             self.skipped += skipped
-            return images, tokens
+            return images, tokens, marks
         return batch

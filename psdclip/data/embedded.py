@@ -1,7 +1,9 @@
 """The embedded default dataset: Fashion-MNIST written as captioned webdataset shards, with caption noise.
 
-Shards land in a cache folder named by a hash of every setting that shapes them, so a changed setting
-builds a new folder and an unchanged one is reused.
+Splits: ``train`` (the first 11/12 of Fashion-MNIST's training images, optionally only the first ``size``),
+``val`` (the last 1/12, clean captions, never trained on: for choosing settings) and ``test`` (the 10k test images,
+clean captions). Shards land in a cache folder named by a hash of every setting that shapes them, so a changed
+setting builds a new folder and an unchanged one is reused.
 """
 
 import gzip
@@ -25,8 +27,12 @@ log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "fashion_mnist"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-FORMAT_VERSION = 1  # bump when the shard contents change for the same settings
+FORMAT_VERSION = 2  # bump when the shard contents change for the same settings
 TEST_CAPTIONS_PER_IMAGE = 5
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = 1 / 12  # of Fashion-MNIST's training images: 5000 of 60000
+# what a wrong caption is: another class's name, another image's caption, or text that says nothing of the image
+NOISE_KINDS = ("flip", "swap", "generic")
 
 
 def read_lines(path: Path) -> list[str]:
@@ -35,6 +41,7 @@ def read_lines(path: Path) -> list[str]:
 
 CLASSNAMES = read_lines(RESOURCES / "classnames.txt")
 CAPTION_TEMPLATES = read_lines(RESOURCES / "caption_templates.txt")
+GENERIC_CAPTIONS = read_lines(RESOURCES / "generic_captions.txt")
 
 
 def _open_idx(path: Path):
@@ -76,42 +83,67 @@ def find_idx(source_dir: Path, stem: str) -> Path:
 class FashionMNISTShards:
     """One split of Fashion-MNIST as captioned shards; ``ensure()`` writes them if the cache lacks them.
 
-    Each sample: ``png`` (28×28 grayscale), ``txt`` (caption), ``cls`` (true class id) and ``json`` with the
-    true class, the captioned class and whether the caption was corrupted. Test captions are always clean and
-    the json lists several of them (positives for retrieval).
+    Each sample: ``png`` (28×28 grayscale), ``txt`` (caption), ``cls`` (true class id) and ``json`` with the true
+    class, the captioned class (-1 for a generic caption), whether the caption is wrong (``corrupted``) and, for a
+    swapped one, the index of the image it was taken from. A fraction ``noise`` of the train captions is wrong, of
+    kind ``noise_kind``: ``flip`` names a uniformly chosen other class, ``swap`` is the caption of a random training
+    image of another class, ``generic`` is uninformative text ("new arrival", "IMG_0042", …). Validation and test
+    captions are always clean and the json lists several of them (positives for retrieval).
     """
 
     split: str
     source_dir: str
     cache_dir: str
     noise: float = 0.0
+    noise_kind: str = "flip"
     seed: int = 0
     shard_size: int = 5000
+    size: int | None = None  # the first ``size`` images of the split (None: all)
 
     def __post_init__(self):
-        if self.split not in IDX_FILES:
-            raise ValueError(f"unknown Fashion-MNIST split {self.split!r}; choose 'train' or 'test'")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown Fashion-MNIST split {self.split!r}; choose one of {SPLITS}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"data.noise must be a fraction in [0, 1], got {self.noise}")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"unknown data.noise_kind {self.noise_kind!r}; choose one of {NOISE_KINDS}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"data.train_size must be a positive number of images or null (all), got {self.size}")
         # at construction, so a run that evaluates on it fails at start-up, not after training
         self.source_files()
 
+    @property
+    def noisy(self) -> bool:
+        return self.split == "train" and self.noise > 0
+
     @cached_property
     def directory(self) -> Path:
-        noise = self.noise if self.split == "train" else 0.0
+        noise = self.noise if self.noisy else 0.0
         sources = [f"{path.name}:{path.stat().st_size}" for path in self.source_files()]
-        settings = dict(split=self.split, noise=noise, seed=self.seed, shard_size=self.shard_size, sources=sources,
-                        templates=CAPTION_TEMPLATES, classnames=CLASSNAMES, version=FORMAT_VERSION)
+        settings = dict(split=self.split, noise=noise, noise_kind=self.noise_kind if self.noisy else None, seed=self.seed,
+                        shard_size=self.shard_size, rows=list(self.rows), sources=sources, templates=CAPTION_TEMPLATES,
+                        generic=GENERIC_CAPTIONS, classnames=CLASSNAMES, version=FORMAT_VERSION)
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return Path(self.cache_dir) / "fashion_mnist" / f"{self.split}-noise{noise:g}-{digest}"
+        kind = f"-{self.noise_kind}" if self.noisy else ""
+        return Path(self.cache_dir) / "fashion_mnist" / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
 
     def source_files(self) -> tuple[Path, Path]:
-        images, labels = IDX_FILES[self.split]
+        images, labels = IDX_FILES["test" if self.split == "test" else "train"]
         return find_idx(Path(self.source_dir), images), find_idx(Path(self.source_dir), labels)
 
     @cached_property
+    def rows(self) -> range:
+        """The split's rows of its idx file."""
+        total = idx_length(self.source_files()[1])
+        held_out = math.floor(total * VAL_FRACTION) if self.split != "test" else 0
+        rows = range(total - held_out, total) if self.split == "val" else range(total - held_out)
+        if self.size is not None and self.size > len(rows):
+            raise ValueError(f"data.train_size={self.size} is more than the {len(rows)} images of the {self.split} split")
+        return rows[: self.size]
+
+    @property
     def num_samples(self) -> int:
-        return idx_length(self.source_files()[1])
+        return len(self.rows)
 
     @property
     def num_shards(self) -> int:
@@ -132,12 +164,13 @@ class FashionMNISTShards:
                              "expected N×H×W images with N labels")
         if labels.max() >= len(CLASSNAMES):
             raise ValueError(f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names")
-        log.info("writing Fashion-MNIST %s shards to %s", self.split, self.directory)
+        log.info("writing Fashion-MNIST %s shards (%d images) to %s", self.split, self.num_samples, self.directory)
         # built in a private folder and renamed into place: concurrent writers (DDP ranks, sweep jobs) never mix,
         # and the first to finish wins
         staging = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        sizes = write_shards(self._samples(images, labels), staging, prefix=f"{self.split}-", shard_size=self.shard_size)
+        rows = np.asarray(self.rows)
+        sizes = write_shards(self._samples(images[rows], labels[rows]), staging, prefix=f"{self.split}-", shard_size=self.shard_size)
         (staging / "manifest.json").write_text(json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1))
         try:
             staging.rename(self.directory)
@@ -149,31 +182,56 @@ class FashionMNISTShards:
 
     def _samples(self, images: np.ndarray, labels: np.ndarray):
         rng = np.random.default_rng(self.seed)
-        corrupted = rng.random(len(labels)) < (self.noise if self.split == "train" else 0.0)
-        # a corrupted caption names a uniformly chosen *different* class
-        caption_labels = np.where(corrupted, (labels + rng.integers(1, len(CLASSNAMES), len(labels))) % len(CLASSNAMES), labels)
-        for index, (image, label, caption_label) in enumerate(zip(images, labels, caption_labels)):
-            templates = rng.choice(len(CAPTION_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False)
-            captions = [CAPTION_TEMPLATES[t].format(c=CLASSNAMES[caption_label]) for t in templates]
-            meta = {"label": int(label), "caption_label": int(caption_label), "corrupted": bool(corrupted[index])}
-            if self.split == "test":
-                meta["captions"] = captions
+        corrupted = rng.random(len(labels)) < (self.noise if self.noisy else 0.0)
+        # the clean captions first, so a swapped caption is another image's own caption
+        templates = np.stack([rng.choice(len(CAPTION_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False) for _ in labels])
+        captions = [[CAPTION_TEMPLATES[t].format(c=CLASSNAMES[label]) for t in row] for label, row in zip(labels, templates)]
+        caption_labels, donors = labels.astype(np.int64), np.full(len(labels), -1)
+        wrong = np.flatnonzero(corrupted)
+        if self.noise_kind == "flip":
+            caption_labels[wrong] = (labels[wrong] + rng.integers(1, len(CLASSNAMES), len(wrong))) % len(CLASSNAMES)
+            for index in wrong:
+                captions[index][0] = CAPTION_TEMPLATES[templates[index, 0]].format(c=CLASSNAMES[caption_labels[index]])
+        elif self.noise_kind == "swap":
+            clean = [row[0] for row in captions]
+            for label in np.unique(labels[wrong]):  # donors of another class, so every swapped caption is wrong
+                takers, others = wrong[labels[wrong] == label], np.flatnonzero(labels != label)
+                donors[takers] = others[rng.integers(len(others), size=len(takers))]
+            caption_labels[wrong] = labels[donors[wrong]]
+            for index in wrong:
+                captions[index][0] = clean[donors[index]]
+        else:
+            caption_labels[wrong] = -1
+            for index in wrong:
+                captions[index][0] = GENERIC_CAPTIONS[rng.integers(len(GENERIC_CAPTIONS))]
+        for index, (image, label) in enumerate(zip(images, labels)):
+            meta = {"label": int(label), "caption_label": int(caption_labels[index]), "corrupted": bool(corrupted[index])}
+            if self.noise_kind == "swap" and corrupted[index]:
+                meta["swapped_from"] = int(donors[index])
+            if self.split != "train":
+                meta["captions"] = captions[index]
             yield {
                 "__key__": f"{index:06d}",
                 "png": encode_image(Image.fromarray(image, mode="L")),
-                "txt": captions[0],
+                "txt": captions[index][0],
                 "cls": str(int(label)),
                 "json": json.dumps(meta),
             }
 
 
 class EmbeddedDataModule(ShardDataModule):
-    """Fashion-MNIST shards with ``noise`` of the training captions naming a wrong class, streamed like any shards."""
+    """Fashion-MNIST train shards with ``noise`` of the captions wrong (of ``noise_kind``), streamed like any shards.
 
-    def __init__(self, source_dir: str, cache_dir: str, noise: float = 0.3, shard_size: int = 5000, seed: int = 0, **kwargs):
-        self.shards = FashionMNISTShards("train", source_dir, cache_dir, noise=noise, seed=seed, shard_size=shard_size)
+    ``train_size`` trains on the first images only (a fixed set, read once per epoch): a small set over many epochs
+    is the regime where caption noise is memorised, as in multi-epoch web-scale training.
+    """
+
+    def __init__(self, source_dir: str, cache_dir: str, noise: float = 0.3, noise_kind: str = "flip", train_size: int | None = None,
+                 shard_size: int = 5000, seed: int = 0, **kwargs):
+        self.shards = FashionMNISTShards("train", source_dir, cache_dir, noise=noise, noise_kind=noise_kind, seed=seed,
+                                         shard_size=shard_size, size=train_size)
         super().__init__(train_shards=self.shards.pattern, seed=seed, **kwargs)
-        self.noise = noise
+        self.noise, self.noise_kind = noise, noise_kind
 
     def prepare_data(self):
         self.shards.ensure()

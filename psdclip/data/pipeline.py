@@ -1,11 +1,13 @@
-"""The training stream: shards → samples → (image tensor, tokens, skip counts) batches, planned per rank and worker.
+"""The training stream: shards → samples → (images, tokens, skip counts, noise marks) batches, planned per rank and worker.
 
 Each DataLoader worker reads its own stretch of the epoch (see ``plan``), shuffles samples through a buffer, decodes,
 preprocesses and tokenises them, and yields batches that carry the counts of what it skipped since its last batch,
-so counting needs no state shared between processes.
+so counting needs no state shared between processes. A sample whose ``json`` says whether its caption was corrupted
+(the embedded data does) carries that mark (1 corrupted, 0 clean, -1 unknown), for the loss's diagnostics only.
 """
 
 import itertools
+import json
 import multiprocessing
 from collections.abc import Callable, Iterator
 
@@ -74,7 +76,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, counter = self.epoch.value, SkipCounter()
@@ -95,8 +97,8 @@ class ShardStream(IterableDataset):
                     f"rank {self.rank} worker {worker} found only {produced + len(batch)} readable samples of the "
                     f"{quota} it needs in epoch {epoch}, even reading every shard; see the warnings above")
             produced += len(batch)
-            images, captions = zip(*batch)
-            yield torch.stack(images), self.tokenizer(list(captions)), torch.from_numpy(counter.take())
+            images, captions, marks = zip(*batch)
+            yield torch.stack(images), self.tokenizer(list(captions)), torch.from_numpy(counter.take()), torch.tensor(marks, dtype=torch.int8)
 
     def _stretches(self, epoch: int, worker: int, workers: int, quota: int, counter: SkipCounter):
         """This worker's stretch of the epoch, and the positions it takes replacements from."""
@@ -121,7 +123,7 @@ class ShardStream(IterableDataset):
         # ends the stream; __iter__ then says how few samples it found
 
     def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False):
-        """(image tensor, caption) pairs; skips are counted by the reader that owns the sample, refills as such."""
+        """(image tensor, caption, noise mark) triples; skips are counted by the reader that owns the sample, refills as such."""
         report = ignore if refill else counter.add
         in_a_row = 0
         for sample in samples:
@@ -142,7 +144,16 @@ class ShardStream(IterableDataset):
             in_a_row = 0
             if refill:
                 counter.add("refilled", sample["__url__"])
-            yield image, caption
+            yield image, caption, noise_mark(sample)
+
+
+def noise_mark(sample: dict) -> int:
+    """1 if the sample's json marks its caption as corrupted, 0 if as clean, -1 if it does not say."""
+    try:
+        corrupted = json.loads(sample["json"]).get("corrupted")
+    except (KeyError, ValueError, AttributeError):
+        return -1
+    return int(corrupted) if isinstance(corrupted, bool) else -1
 
 
 class EpochLoader(DataLoader):

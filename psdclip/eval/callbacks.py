@@ -12,14 +12,16 @@ log = logging.getLogger(__name__)
 
 
 class EvaluationCallback(L.Callback):
-    """Runs ``suite`` at the end of training (and every ``every_n_epochs``) on every rank, each encoding its share.
+    """Runs ``suite`` at the end of training (``at_end``) and every ``every_n_epochs`` on every rank, each encoding its
+    share. A second instance with a cheap suite and ``at_end=False`` draws the learning curve.
 
     Metrics go to every logger as ``eval/<dataset>/<metric>``, into ``trainer.callback_metrics`` (where ``train.py``
     reads the metric it returns to sweepers) and, from rank 0, to ``results_file`` as JSON.
     """
 
-    def __init__(self, suite: EvalSuite, every_n_epochs: int | None = None, results_file: str | None = None):
-        self.suite, self.every_n_epochs, self.results_file = suite, every_n_epochs, results_file
+    def __init__(self, suite: EvalSuite, every_n_epochs: int | None = None, results_file: str | None = None,
+                 at_end: bool = True):
+        self.suite, self.every_n_epochs, self.results_file, self.at_end = suite, every_n_epochs, results_file, at_end
         self.results: dict[str, float] = {}
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
@@ -42,4 +44,5 @@ class EvaluationCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
+        if self.at_end:
+            self.evaluate(trainer, pl_module)

@@ -6,7 +6,6 @@ which tasks it supports.
 """
 
 import logging
-import math
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -168,23 +167,27 @@ class ImageFolderEvalSet(EvalSet):
 
 
 class FashionMNISTEvalSet(WdsEvalSet):
-    """The embedded Fashion-MNIST, from the cached shards the training data uses (written on first use).
+    """The embedded Fashion-MNIST, from cached shards (written on first use).
 
-    test: zero-shot, linear-probe test and retrieval (the first ``retrieval_images`` test images, each with the
-    several clean captions written for it as positives — Flickr30k's test size by default). train: the first
-    ``train_samples`` images for the linear probe. ``train_noise`` only picks which cached train shards to read
-    (labels are the true classes whatever the caption noise); matching the training data's setting reuses them.
+    ``split`` (``test``, or ``val``: the held-out training images, for choosing settings without touching the test
+    set) serves zero-shot, the linear probe's test and retrieval (its first ``retrieval_images`` images, each with
+    the several clean captions written for it as positives — Flickr30k's test size by default). The linear probe
+    trains on the first ``train_samples`` images of the train split with their true labels.
     """
 
-    def __init__(self, source_dir: str, cache_dir: str, train_samples: int = 5000, retrieval_images: int = 1000, train_noise: float = 0.3):
+    def __init__(self, source_dir: str, cache_dir: str, split: str = "test", train_samples: int = 5000, retrieval_images: int = 1000):
         from psdclip.data.embedded import RESOURCES as DATA_RESOURCES, FashionMNISTShards
 
-        self.splits = {"test": FashionMNISTShards("test", source_dir, cache_dir),
-                       "train": FashionMNISTShards("train", source_dir, cache_dir, noise=train_noise)}
+        if split not in ("test", "val"):
+            raise ValueError(f"the embedded evaluation split must be 'test' or 'val', got {split!r}")
+        probe = FashionMNISTShards("train", source_dir, cache_dir)
+        if train_samples < probe.num_samples:
+            probe = FashionMNISTShards("train", source_dir, cache_dir, size=train_samples)
+        self.splits = {"test": FashionMNISTShards(split, source_dir, cache_dir), "train": probe}
         self.root = Path(source_dir)
         self.classnames_file = DATA_RESOURCES / "classnames.txt"
         self.templates_file = DATA_RESOURCES / "zeroshot_classification_templates.txt"
-        self.train_samples, self.retrieval_images = train_samples, retrieval_images
+        self.retrieval_images = retrieval_images
 
     @property
     def tasks(self) -> set[str]:
@@ -202,7 +205,5 @@ class FashionMNISTEvalSet(WdsEvalSet):
     def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
         shards = self.splits[split]
         shards.ensure()
-        limit = self.train_samples if split == "train" else shards.num_samples
-        urls = expand_shards(shards.pattern)[: math.ceil(min(limit, shards.num_samples) / shards.shard_size)]
-        pipeline = self.pipeline(urls, transform, batch_size, rank, world_size, keep=lambda s: int(s["__key__"]) < limit)
+        pipeline = self.pipeline(expand_shards(shards.pattern), transform, batch_size, rank, world_size)
         return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
