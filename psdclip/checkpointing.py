@@ -66,7 +66,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.saved_step: int | None = None  # the step of the newest checkpoint written in this process
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if finishes_training(trainer, batch_idx):
             self.save_now(trainer)
@@ -85,9 +87,18 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def save_now(self, trainer: L.Trainer) -> str | None:
         """Write ``last.ckpt`` (the step file without ``save_last``) unless a checkpoint of this step exists; its path."""
-        if self.saved_step == trainer.global_step or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.fast_dev_run:
+        if (
+            self.saved_step == trainer.global_step
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or trainer.fast_dev_run
+        ):
             return None
-        metrics = {**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
+        metrics = {
+            **trainer.callback_metrics,
+            "epoch": torch.tensor(trainer.current_epoch),
+            "step": torch.tensor(trainer.global_step),
+        }
         if self.save_last:
             path = self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
         else:
@@ -173,7 +184,9 @@ class SkipOnResume:
         skip = skip if skip < len(self.loader) else 0  # a finished epoch: the next one starts afresh
         iterator = iter(self.loader)
         if skip:
-            log.info("resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip)
+            log.info(
+                "resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip
+            )
         for _ in range(skip):
             next(iterator)
         yield from iterator
@@ -221,8 +234,27 @@ def remove_stale_partials(folder: Path) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
-        log.warning("removed %d partial checkpoint file(s) of killed writes: %s", len(removed), ", ".join(map(str, removed)))
+        log.warning(
+            "removed %d partial checkpoint file(s) of killed writes: %s", len(removed), ", ".join(map(str, removed))
+        )
     return removed
+
+
+def check_complete(path: Path, use: str = "use it instead") -> None:
+    """Raise ``IncompleteCheckpointError`` naming ``path`` and the newest complete checkpoint beside it, if any
+    (``use``, formatted with its path, says what to do with it)."""
+    if is_complete(path):
+        return
+    good = newest_complete(p for p in path.parent.glob("*.ckpt") if p != path)
+    offer = (
+        f"the newest complete checkpoint beside it is {good}: {use.format(good)}"
+        if good
+        else "no complete checkpoint lies beside it"
+    )
+    raise IncompleteCheckpointError(
+        f"{path} is not a complete checkpoint (truncated or corrupt; torch fails with 'PytorchStreamReader failed'); "
+        f"{offer}"
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
@@ -235,14 +267,7 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> st
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file")
         remove_stale_partials(path.parent)
-        if not is_complete(path):
-            good = newest_complete(p for p in path.parent.glob("*.ckpt") if p != path)
-            offer = f"the newest complete checkpoint beside it is {good}: resume with ckpt_path={good}" if good else \
-                "no complete checkpoint lies beside it"
-            raise IncompleteCheckpointError(
-                f"{path} is not a complete checkpoint (truncated or corrupt; torch fails with 'PytorchStreamReader "
-                f"failed'); {offer}"
-            )
+        check_complete(path, use="resume with ckpt_path={}")
         return ckpt_path
     root = Path(log_dir, task_name)
     for folder in root.glob("**/checkpoints"):

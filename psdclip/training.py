@@ -25,7 +25,9 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate each named entry of a callbacks/logger group (entries without ``_target_`` are skipped)."""
-    objects = [instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    objects = [
+        instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
     return [obj for obj in objects if obj is not None]  # a factory may decline (e.g. no progress bar when disabled)
 
 
@@ -61,8 +63,11 @@ def stopped_by_sigterm(trainer: L.Trainer) -> NoReturn:
     checkpoint = trainer.checkpoint_callback
     path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
     if trainer.is_global_zero:
-        resume = f"saved {path}; resume with the same overrides plus ckpt_path={path} (or ckpt_path=last)" if path \
+        resume = (
+            f"saved {path}; resume with the same overrides plus ckpt_path={path} (or ckpt_path=last)"
+            if path
             else "no checkpoint was saved"
+        )
         log.error("stopped by SIGTERM at step %d: %s", trainer.global_step, resume)
     raise SystemExit(SIGTERM_EXIT)
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -23,6 +24,7 @@ import torch
 
 from psdclip.checkpointing import IncompleteCheckpointError, resolve_ckpt_path
 from psdclip.data.embedded import FashionMNISTShards
+from psdclip.models import read_checkpoint
 from psdclip.training import SIGTERM_EXIT, train
 from tests.conftest import compose_train, make_fashion_mnist
 
@@ -35,8 +37,15 @@ class Child:
 
     def __init__(self, command: list[str]):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -107,9 +116,17 @@ def two_shard_eval_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def train_command(source: Path, cache: Path, log_dir: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable, "train.py", f"paths.fashion_mnist_dir={source}", f"paths.cache_dir={cache}",
-        f"paths.log_dir={log_dir}", "data.batch_size=32", "data.num_workers=0", "data.shard_size=100",
-        "trainer.enable_progress_bar=false", "evaluation.batch_size=500", "callbacks.media.eval_samples.limit=50",
+        sys.executable,
+        "train.py",
+        f"paths.fashion_mnist_dir={source}",
+        f"paths.cache_dir={cache}",
+        f"paths.log_dir={log_dir}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.shard_size=100",
+        "trainer.enable_progress_bar=false",
+        "evaluation.batch_size=500",
+        "callbacks.media.eval_samples.limit=50",
         *overrides,
     ]
 
@@ -132,7 +149,9 @@ def test_ddp_cpu_run_of_the_default_config_finishes_with_evaluation(two_shard_ev
         assert rc == 0, run.output[-3000:]
     folder = run_folder(tmp_path / "logs")
     results = json.loads((folder / "eval_results.json").read_text())["metrics"]
-    assert 0 <= results["eval/fashion_mnist/zeroshot_top1"] <= 1 and "eval/fashion_mnist/retrieval_mean_recall" in results
+    assert (
+        0 <= results["eval/fashion_mnist/zeroshot_top1"] <= 1 and "eval/fashion_mnist/retrieval_mean_recall" in results
+    )
     summary = json.loads((folder / "checkpoints" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["zeroshot_top1"] == results["eval/fashion_mnist/zeroshot_top1"]
     assert step_of(folder / "checkpoints" / "last.ckpt") == 2
@@ -145,7 +164,7 @@ def test_failing_final_evaluation_keeps_the_last_checkpoint(train_cfg, tmp_path,
     test_split.ensure()
     (shard,) = test_split.directory.glob("*.tar")
     shard.write_bytes(b"not a tar file" * 100)  # the evaluation set the run reads at its end
-    with pytest.raises(Exception):
+    with pytest.raises(tarfile.ReadError, match=shard.name):
         train(train_cfg("trainer.max_steps=3"))
     assert step_of(tmp_path / "run" / "checkpoints" / "last.ckpt") == 3
 
@@ -159,9 +178,16 @@ def test_default_run_checkpoints_at_least_once_per_epoch():
 # ---- 2. SIGTERM: checkpoint, stop, non-zero exit, how to resume -----------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_during_training_saves_the_current_step_and_exits_non_zero(fashion_mnist_dir, tmp_path):
-    command = train_command(fashion_mnist_dir, tmp_path / "cache", tmp_path / "logs", "trainer.max_steps=200",
-                            "callbacks.model_checkpoint.every_n_train_steps=10", "trainer.enable_progress_bar=true",
-                            "callbacks.progress.style=log", "callbacks.progress.every_n_steps=1")
+    command = train_command(
+        fashion_mnist_dir,
+        tmp_path / "cache",
+        tmp_path / "logs",
+        "trainer.max_steps=200",
+        "callbacks.model_checkpoint.every_n_train_steps=10",
+        "trainer.enable_progress_bar=true",
+        "callbacks.progress.style=log",
+        "callbacks.progress.every_n_steps=1",
+    )
     with child(command) as run:
         run.wait_for(r"step 12/200", timeout=300)
         run.process.send_signal(signal.SIGTERM)
@@ -248,6 +274,8 @@ def test_truncated_checkpoint_is_named_and_the_newest_good_one_offered(tmp_path)
     with pytest.raises(IncompleteCheckpointError) as error:
         resolve_ckpt_path(str(last), str(tmp_path), "train")
     assert str(last) in str(error.value) and f"ckpt_path={good}" in str(error.value)
+    with pytest.raises(IncompleteCheckpointError, match=str(good)):  # evaluate.py, export and the audit read it so
+        read_checkpoint(last)
     assert resolve_ckpt_path("last", str(tmp_path), "train") == str(good)
 
 

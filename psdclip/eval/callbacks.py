@@ -26,8 +26,14 @@ class EvaluationCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        runtime = Runtime(pl_module.device, trainer.precision_plugin.forward_context, trainer.global_rank, trainer.world_size,
-                          pl_module.all_gather, check_stop=lambda: stop_on_sigterm(trainer))
+        runtime = Runtime(
+            pl_module.device,
+            trainer.precision_plugin.forward_context,
+            trainer.global_rank,
+            trainer.world_size,
+            pl_module.all_gather,
+            check_stop=lambda: stop_on_sigterm(trainer),
+        )
         if trainer.is_global_zero:
             log.info("evaluating at step %d on %s", trainer.global_step, ", ".join(self.suite.datasets))
         results = self.suite.run(pl_module, runtime)
