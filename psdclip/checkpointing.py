@@ -1,8 +1,13 @@
-"""Resumable checkpoints: atomic writes, a checkpoint at the end, RNG and data-stream position, `ckpt_path=last`."""
+"""Resumable checkpoints: atomic writes, a checkpoint at the last step and on SIGTERM, RNG and data-stream position,
+`ckpt_path=last` (the newest complete checkpoint)."""
 
 import logging
 import os
 import random
+import re
+import socket
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +16,18 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+# the temporary file of a write in progress: `.<name>.<pid>@<host>.partial` (older runs wrote no `@<host>`)
+PARTIAL = re.compile(r"^\..+\.(?P<pid>\d+)(?:@(?P<host>.+))?\.partial$")
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read back (truncated or corrupt)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,7 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)  # object stores: uploads are atomic
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        # named after its writer, so a later start-up can tell a dead write's leftover from a live one
+        partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.partial")
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, path)
@@ -37,22 +51,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus what an exact resume needs.
+    """Lightning's ModelCheckpoint, plus what an exact resume and a job's end need.
 
-    - a checkpoint at the end of training even when the last step is no multiple of ``every_n_train_steps``;
+    - ``last.ckpt`` at the last step, written when that step ends, before any end-of-epoch or end-of-training hook
+      (evaluation, media) runs: an error there never costs the weights;
+    - ``last.ckpt`` at the current step when the job receives SIGTERM (Lightning stops at the next step boundary);
     - the RNG states of torch, CUDA, numpy and ``random`` (rank 0's, restored on every rank);
     - the data-stream position: after a mid-epoch resume the first ``batches done`` batches of the restarted
-      epoch's stream are skipped, so the run sees the same batches as an uninterrupted one.
+      epoch's stream are skipped, so the run sees the same batches as an uninterrupted one;
+    - stale partial files of writes killed midway are removed at start-up.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved_step: int | None = None  # the step of the newest checkpoint written in this process
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if finishes_training(trainer, batch_idx):
+            self.save_now(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)
+        # a stop the last batch could not foresee (e.g. should_stop set at an epoch's end); Lightning's own
+        # on_train_end only covers runs that saved nothing, which this covers too
+        self.save_now(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        # Lightning raises SIGTERMException at a step boundary, on every rank together, so the save's barrier is
+        # safe; other errors may strike one rank only, where a collective save would hang
+        if isinstance(exception, SIGTERMException):
+            self.save_now(trainer)
+
+    def save_now(self, trainer: L.Trainer) -> str | None:
+        """Write ``last.ckpt`` (the step file without ``save_last``) unless a checkpoint of this step exists; its path."""
+        if (
+            self.saved_step == trainer.global_step
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or trainer.fast_dev_run
+        ):
+            return None
+        metrics = {
+            **trainer.callback_metrics,
+            "epoch": torch.tensor(trainer.current_epoch),
+            "step": torch.tensor(trainer.global_step),
+        }
+        if self.save_last:
+            path = self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        else:
+            path = self.format_checkpoint_name(metrics)
+        trainer.save_checkpoint(path, self.save_weights_only)
+        log.info("saved %s at step %d", path, trainer.global_step)
+        return path
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.saved_step = trainer.global_step  # every save (periodic, final, on SIGTERM) passes here, on every rank
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -74,6 +130,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            remove_stale_partials(Path(self.dirpath))
         datamodule = trainer.datamodule
         if stage == "fit" and datamodule is not None and not hasattr(datamodule.train_dataloader, "resumes"):
             make_loader = datamodule.train_dataloader
@@ -83,6 +141,15 @@ class ResumableCheckpoint(ModelCheckpoint):
 
             resuming_loader.resumes = True
             datamodule.train_dataloader = resuming_loader
+
+
+def finishes_training(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended is the run's last: ``max_steps`` reached, the last batch of the last epoch,
+    or a stop requested (``trainer.should_stop``)."""
+    if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    return last_epoch and batch_idx + 1 >= trainer.num_training_batches
 
 
 def _plain(state: tuple) -> tuple:
@@ -117,22 +184,99 @@ class SkipOnResume:
         skip = skip if skip < len(self.loader) else 0  # a finished epoch: the next one starts afresh
         iterator = iter(self.loader)
         if skip:
-            log.info("resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip)
+            log.info(
+                "resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip
+            )
         for _ in range(skip):
             next(iterator)
         yield from iterator
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
-    """``last`` → the newest ``last.ckpt`` under ``<log_dir>/<task_name>/`` (single runs and sweeps); paths pass."""
-    if ckpt_path != "last":
-        if ckpt_path and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file")
-        return ckpt_path
-    candidates = sorted(Path(log_dir, task_name).glob(f"**/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no {LAST} under {Path(log_dir, task_name)}; give the checkpoint's path instead"
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a whole torch checkpoint: a zip archive whose directory (written last) lists the pickle.
+
+    Reads only the archive's directory, so it is cheap for large checkpoints; truncated files fail it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_complete(paths: Iterable[Path]) -> Path | None:
+    """The most recently written complete checkpoint among ``paths`` (incomplete ones are skipped with a warning)."""
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True):
+        if is_complete(path):
+            return path
+        log.warning("skipping %s: not a complete checkpoint (truncated or corrupt)", path)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete partial checkpoint files whose writer, a process of this host, is gone (killed mid-write)."""
+    host, removed = socket.gethostname(), []
+    for path in folder.glob(".*.partial"):
+        match = PARTIAL.match(path.name)
+        pid = int(match["pid"]) if match else 0
+        # a write in progress (live writer) or one from another host is left alone
+        if pid > 0 and (match["host"] or host) == host and not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning(
+            "removed %d partial checkpoint file(s) of killed writes: %s", len(removed), ", ".join(map(str, removed))
         )
-    log.info("ckpt_path=last resolves to %s", candidates[-1])
-    return str(candidates[-1])
+    return removed
+
+
+def check_complete(path: Path, use: str = "use it instead") -> None:
+    """Raise ``IncompleteCheckpointError`` naming ``path`` and the newest complete checkpoint beside it, if any
+    (``use``, formatted with its path, says what to do with it)."""
+    if is_complete(path):
+        return
+    good = newest_complete(p for p in path.parent.glob("*.ckpt") if p != path)
+    offer = (
+        f"the newest complete checkpoint beside it is {good}: {use.format(good)}"
+        if good
+        else "no complete checkpoint lies beside it"
+    )
+    raise IncompleteCheckpointError(
+        f"{path} is not a complete checkpoint (truncated or corrupt; torch fails with 'PytorchStreamReader failed'); "
+        f"{offer}"
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
+    """``last`` → the newest complete checkpoint (``last.ckpt`` or a step file) under ``<log_dir>/<task_name>/``
+    (single runs and sweeps); a path is checked to be a complete checkpoint. Stale partial files are removed."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file")
+        remove_stale_partials(path.parent)
+        check_complete(path, use="resume with ckpt_path={}")
+        return ckpt_path
+    root = Path(log_dir, task_name)
+    for folder in root.glob("**/checkpoints"):
+        remove_stale_partials(folder)
+    # a write killed midway leaves the previous last.ckpt behind, older than the step file written just before it
+    newest = newest_complete(root.glob("**/checkpoints/*.ckpt"))
+    if newest is None:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no {LAST} or other complete checkpoint under {root}; give the checkpoint's path instead"
+        )
+    log.info("ckpt_path=last resolves to %s", newest)
+    return str(newest)

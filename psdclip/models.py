@@ -8,6 +8,8 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from psdclip.checkpointing import check_complete
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # where a psdclip training checkpoint keeps each set of open_clip weights
 CHECKPOINT_WEIGHTS = {"student": "model.", "ema": "teacher.average.module."}
@@ -64,6 +66,7 @@ def read_checkpoint(path: str | Path, weights: str = "student") -> tuple[str, di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_complete(path)  # a truncated file: its name and the newest good one beside it, not torch's zip error
     # Lightning checkpoints hold more than tensors (loop and callback states): load only files you trust
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     name = checkpoint.get("hyper_parameters", {}).get("model_name")

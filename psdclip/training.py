@@ -2,11 +2,14 @@
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from psdclip.checkpointing import resolve_ckpt_path
@@ -16,10 +19,15 @@ from psdclip.summary import SUMMARY_FILE, format_table
 
 log = logging.getLogger(__name__)
 
+# the shell's status for "ended by SIGTERM": schedulers and sweeps see a failed job, not a finished one
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
 
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate each named entry of a callbacks/logger group (entries without ``_target_`` are skipped)."""
-    objects = [instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    objects = [
+        instantiate(entry) for entry in (group or {}).values() if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
     return [obj for obj in objects if obj is not None]  # a factory may decline (e.g. no progress bar when disabled)
 
 
@@ -38,11 +46,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's: a SystemExit that would exit 0
+        stopped_by_sigterm(trainer)
+    if trainer.received_sigterm:  # during the end-of-training hooks, which no loop checks
+        stopped_by_sigterm(trainer)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         write_summary(cfg, trainer, metrics, time.perf_counter() - started)
     return metrics
+
+
+def stopped_by_sigterm(trainer: L.Trainer) -> NoReturn:
+    """Say where the run stopped and how to resume it, then exit with ``SIGTERM_EXIT``."""
+    checkpoint = trainer.checkpoint_callback
+    path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
+    if trainer.is_global_zero:
+        resume = (
+            f"saved {path}; resume with the same overrides plus ckpt_path={path} (or ckpt_path=last)"
+            if path
+            else "no checkpoint was saved"
+        )
+        log.error("stopped by SIGTERM at step %d: %s", trainer.global_step, resume)
+    raise SystemExit(SIGTERM_EXIT)
 
 
 def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:

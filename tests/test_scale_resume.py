@@ -102,7 +102,7 @@ def test_ckpt_path_last_picks_newest_run(tmp_path):
     older, newer = (tmp_path / "train" / "runs" / name / "checkpoints" / "last.ckpt" for name in ("a", "b"))
     for index, path in enumerate((older, newer)):
         path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
+        torch.save({"global_step": index}, path)  # a complete checkpoint: ckpt_path=last skips broken ones
         import os
         os.utime(path, (1000 + index, 1000 + index))
     assert resolve_ckpt_path("last", str(tmp_path), "train") == str(newer)

@@ -4,6 +4,7 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from psdclip.eval.features import Runtime
 from psdclip.eval.suite import EvalSuite, write_results
@@ -27,7 +28,16 @@ class EvaluationCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        runtime = Runtime(pl_module.device, trainer.precision_plugin.forward_context, trainer.global_rank, trainer.world_size, pl_module.all_gather)
+        runtime = Runtime(
+            pl_module.device,
+            trainer.precision_plugin.forward_context,
+            trainer.global_rank,
+            trainer.world_size,
+            pl_module.all_gather,
+            check_stop=lambda: stop_on_sigterm(trainer),
+        )
+        if trainer.is_global_zero:
+            log.info("evaluating at step %d on %s", trainer.global_step, ", ".join(self.suite.datasets))
         results = self.suite.run(pl_module, runtime)
         pl_module.train(was_training)
         if trainer.is_global_zero:
@@ -46,3 +56,9 @@ class EvaluationCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.at_end:
             self.evaluate(trainer, pl_module)
+
+
+def stop_on_sigterm(trainer: L.Trainer) -> None:
+    """Lightning checks for SIGTERM only between training steps; evaluation at the end of training runs after them."""
+    if trainer.received_sigterm:
+        raise SIGTERMException

@@ -24,16 +24,20 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     all_gather: Callable[[Tensor], Tensor] | None = None
+    # called before each batch; raises to abandon the evaluation (training's callback does on SIGTERM)
+    check_stop: Callable[[], None] = lambda: None
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Concatenate every rank's rows, in rank order (ranks may hold different numbers of rows)."""
         if self.world_size == 1:
             return tensor
-        sizes = self.all_gather(torch.tensor([len(tensor)], device=self.device)).flatten().tolist()
-        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-        padded[: len(tensor)] = tensor
+        # every dimension, not just the rows: a rank with nothing to encode holds a (0, 0) placeholder, and
+        # all_gather needs the same shape everywhere (a smaller tensor desynchronises the ranks' collectives)
+        shapes = self.all_gather(torch.tensor(tensor.shape, device=self.device)).cpu()
+        padded = tensor.new_zeros(shapes.max(dim=0).values.tolist())
+        padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
         gathered = self.all_gather(padded.to(self.device)).cpu()
-        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+        return torch.cat([gathered[rank, :size] for rank, size in enumerate(shapes[:, 0].tolist())])
 
 
 @dataclass
@@ -65,6 +69,7 @@ def split_features(model, batches, runtime: Runtime, with_captions: bool = False
     images, labels, captions, caption_image = [], [], [], []
     count = 0
     for batch_images, batch_labels, batch_captions in batches:
+        runtime.check_stop()
         with runtime.autocast():
             images.append(F.normalize(model.encode_image(batch_images.to(runtime.device)).float(), dim=-1).cpu())
         labels.append(batch_labels)
