@@ -175,7 +175,7 @@ def test_val_split_is_held_out_clean_and_disjoint_from_train(fashion_mnist_dir, 
     pixels = read_idx(find_idx(fashion_mnist_dir, "train-images-idx3-ubyte"))
     for index, sample in enumerate(samples):
         assert not sample["json"]["corrupted"] and len(sample["json"]["captions"]) == 5
-        assert np.array_equal(np.asarray(sample["png"]), pixels[320 + index])  # the last 29 training images
+        assert np.array_equal(np.asarray(sample["png"].convert("L")), pixels[320 + index])  # the last 29 training images
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(noise_kind="typo"), "unknown data.noise_kind 'typo'"),
