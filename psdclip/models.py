@@ -47,16 +47,63 @@ def create_clip(
             f"unknown model {name!r}: not in open_clip's registry nor in {MODEL_CONFIG_DIR}. "
             f"Known names include {', '.join(open_clip.list_models()[:12])}, ... (see open_clip.list_models())"
         )
-    if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
+    local = bool(pretrained) and bool(Path(pretrained).suffix)
+    if local and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
-    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, aug_cfg=dict(augmentation or {}), output_dict=True, **model_kwargs
-    )
+    own_state = None
+    if local and Path(pretrained).suffix == ".ckpt":  # a train.py checkpoint: its student weights, if they fit
+        held, own_state = read_checkpoint(pretrained)
+        if held != name:
+            raise ValueError(architecture_mismatch(pretrained, held, name))
+    try:
+        model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+            name, pretrained=None if own_state else pretrained, aug_cfg=dict(augmentation or {}), output_dict=True, **model_kwargs
+        )
+    except (RuntimeError, AssertionError) as exn:  # open_clip's load: kilobytes of key lists, or a bare assertion
+        if not local:
+            raise
+        raise ValueError(architecture_mismatch(pretrained, weights_architecture(pretrained), name)) from exn
+    if own_state:
+        model.load_state_dict(own_state)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if compile:
         model.compile()
     return CLIPBundle(name, model, train_transform, eval_transform, open_clip.get_tokenizer(name))
+
+
+def architecture_mismatch(path: str | Path, held: str | None, asked: str) -> str:
+    """One line saying that the weights in ``path`` belong to ``held`` (None: unknown), not to ``asked``."""
+    holds = f"a {held} model" if held else "weights of an architecture other than any in open_clip's registry"
+    fix = f"set model.name={held}" if held else "set model.name to the architecture they were trained with"
+    return f"{path} holds {holds}, but model.name={asked} was asked: {fix}"
+
+
+def weights_architecture(path: str | Path) -> str | None:
+    """The registry name whose parameters have exactly the shapes of the open_clip weights in ``path``, or None.
+
+    Candidates agreeing on the embedding, image-patch and token-embedding sizes are built on the meta device (no
+    memory, no initialisation) and compared key by key.
+    """
+    shapes = {key: tuple(value.shape) for key, value in open_clip.factory.load_state_dict(str(path)).items()}
+
+    def plausible(config: dict) -> bool:
+        vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+        expected = {
+            "text_projection": (text.get("width"), config.get("embed_dim")),
+            "visual.conv1.weight": (vision.get("width"), 3, vision.get("patch_size"), vision.get("patch_size")),
+            "token_embedding.weight": (text.get("vocab_size", 49408), text.get("width")),
+        }
+        return all(shapes.get(key, shape) == shape for key, shape in expected.items())
+
+    for name in open_clip.list_models():
+        if not plausible(open_clip.get_model_config(name) or {}):
+            continue
+        with torch.device("meta"):
+            model = open_clip.create_model(name, device="meta")
+        if {key: tuple(value.shape) for key, value in model.state_dict().items()} == shapes:
+            return name
+    return None
 
 
 def read_checkpoint(path: str | Path, weights: str = "student") -> tuple[str, dict[str, Tensor]]:

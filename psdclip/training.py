@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from psdclip.checkpointing import resolve_ckpt_path
+from psdclip.cli import check_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.summary import SUMMARY_FILE, format_table
@@ -33,6 +34,7 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only

@@ -1,5 +1,6 @@
 """Write image–caption pairs as webdataset shards in img2dataset's layout, with a ``sizes.json`` beside them."""
 
+import glob
 import io
 import json
 from collections.abc import Iterable
@@ -17,16 +18,18 @@ def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "", shard_size: int = 5000) -> dict[str, int]:
-    """Write ``samples`` (webdataset dicts with ``__key__``) to ``out_dir/{prefix}{000000..}.tar``.
+def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "", shard_size: int = 5000,
+                 first_shard: int = 0) -> dict[str, int]:
+    """Write ``samples`` (webdataset dicts with ``__key__``) to ``out_dir/{prefix}{000000..}.tar``, numbered from
+    ``first_shard``.
 
-    Returns and writes the sample count of every shard as ``sizes.json``; the shard files are written under a
-    temporary name and renamed when complete, so an interrupted run never leaves a truncated shard behind.
+    Returns the sample count of every shard written and adds them to ``sizes.json``; the shard files are written
+    under a temporary name and renamed when complete, so an interrupted run never leaves a truncated shard behind.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
-    shard, count, sink, tmp_path = 0, 0, None, None
+    shard, count, sink, tmp_path = first_shard, 0, None, None
 
     def close():
         if sink is not None:
@@ -58,7 +61,12 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "",
     return sizes
 
 
-def shard_pattern(out_dir: str | Path, prefix: str, sizes: dict[str, int]) -> str:
-    """The brace pattern naming every shard that ``write_shards`` wrote with ``prefix``."""
-    count = sum(1 for name in sizes if name.startswith(prefix))
-    return str(Path(out_dir) / f"{prefix}{{000000..{count - 1:06d}}}.tar")
+def shard_numbers(out_dir: str | Path, prefix: str = "") -> list[int]:
+    """The numbers of the shards named ``{prefix}NNNNNN.tar`` in ``out_dir``, as ``write_shards`` names them."""
+    names = (path.name for path in Path(out_dir).glob(f"{glob.escape(prefix)}*.tar"))
+    return sorted(int(digits) for name in names if len(digits := name[len(prefix):-len(".tar")]) == 6 and digits.isdigit())
+
+
+def shard_pattern(out_dir: str | Path, prefix: str, last: int) -> str:
+    """The brace pattern naming shards 0 … ``last`` that ``write_shards`` wrote with ``prefix``."""
+    return str(Path(out_dir) / f"{prefix}{{000000..{last:06d}}}.tar")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from psdclip.models import CLIPBundle, create_clip, load_clip_checkpoint
+from psdclip.models import CLIPBundle, architecture_mismatch, create_clip, load_clip_checkpoint
 
 class CLIPEncoders(nn.Module):
     """``encode_image``/``encode_text`` (L2-normalised), ``tokenizer`` and ``eval_transform`` — what the suite needs."""
@@ -29,7 +29,10 @@ def load_checkpoint(path: str | Path) -> CLIPEncoders:
 def load_encoders(ckpt: str | None = None, name: str | None = None, pretrained: str | None = None) -> CLIPEncoders:
     """From ``ckpt`` (ours) or else open_clip's ``name`` with ``pretrained`` weights (a local file or tag)."""
     if ckpt:
-        return load_checkpoint(ckpt)
+        encoders = load_checkpoint(ckpt)
+        if name and name != encoders.name:  # the checkpoint names its architecture; a different one asked is a mistake
+            raise ValueError(architecture_mismatch(ckpt, encoders.name, name))
+        return encoders
     if not name:
         raise ValueError("give ckpt=<checkpoint from train.py> or model.name=<open_clip model> (with model.pretrained=<weights>)")
     return CLIPEncoders(create_clip(name, pretrained))

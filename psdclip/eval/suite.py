@@ -60,6 +60,10 @@ class EvalSuite:
         metrics: dict[str, float] = {}
         for name, dataset in self.datasets.items():
             tasks = [task for task in self.tasks if task in dataset.tasks]
+            if not dataset.tasks:  # no task could ever run on it: an incomplete folder, not a choice of tasks
+                raise ValueError(f"evaluation set {name} ({dataset.root}) supports no task: zero-shot needs "
+                                 f"{dataset.templates_file}, the linear probe a train split, retrieval a dataset_type.txt "
+                                 "saying retrieval")
             if not tasks:
                 log.warning("%s (%s) supports none of %s (zero-shot needs a templates file, the linear probe a train split); skipped",
                             name, dataset.root, self.tasks)
@@ -72,6 +76,9 @@ class EvalSuite:
                 # time spent on anything but image features (the linear probe's train features count as features)
                 spent = time.perf_counter() - started - (self.timings["features"] - feature_time)
                 self.timings["metrics"] = self.timings.get("metrics", 0.0) + spent
+        if not metrics:
+            raise ValueError(f"nothing was evaluated: none of the evaluation sets {sorted(self.datasets)} supports the "
+                             f"tasks {self.tasks}; choose others with evaluation.tasks or evaluation/datasets")
         if self.robustness:
             metrics.update(self.effective_robustness(metrics))
         return metrics

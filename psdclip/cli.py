@@ -1,0 +1,115 @@
+"""What the command-line entry points share: overrides and settings checked before torch loads, and the project's own
+start-up errors printed as one line instead of a stack.
+
+This module imports neither torch nor Lightning, so that a mistyped setting is reported in about a second.
+"""
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# setting → (is the value valid, what to give instead); settings a config lacks are not checked
+SETTINGS: dict[str, tuple[Callable, str]] = {
+    "optim.lr": (lambda v: is_number(v) and v > 0, "a positive learning rate, e.g. optim.lr=1e-3"),
+    "optim.weight_decay": (lambda v: is_number(v) and v >= 0, "a weight decay >= 0, e.g. optim.weight_decay=0.1"),
+    "optim.eps": (lambda v: is_number(v) and v > 0, "a positive epsilon, e.g. optim.eps=1e-6"),
+    "optim.betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
+                    "two coefficients in [0, 1), e.g. optim.betas=[0.9,0.98]"),
+    "optim.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "a whole number of steps >= 0, e.g. optim.warmup_steps=100"),
+    "optim.min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a ratio in [0, 1], e.g. optim.min_lr_ratio=0"),
+    "data.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. data.batch_size=256"),
+    "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "0 (load in the main process) or more workers, e.g. data.num_workers=4"),
+    "evaluation.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. evaluation.batch_size=256"),
+    "evaluation.num_workers": (lambda v: isinstance(v, int) and v >= 0, "0 or more workers, e.g. evaluation.num_workers=4"),
+}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raise a ValueError naming the first setting of ``SETTINGS`` whose value cannot work, and what to give."""
+    for key, (valid, expected) in SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        try:
+            ok = valid(plain)
+        except TypeError:  # a string or list where a number belongs
+            ok = False
+        if not ok:
+            raise ValueError(f"{key}={plain} cannot work: give {expected}")
+
+
+def quoted_fix(override: str) -> str:
+    """``key=value`` as a shell argument that reaches Hydra with the value quoted."""
+    key, _, value = override.partition("=")
+    return f"\"{key}='{value}'\""
+
+
+def check_overrides(args: list[str]) -> None:
+    """Exit with the fix for a brace pattern that Hydra (unquoted) or the shell (expanded) would mangle.
+
+    Hydra reads ``{…}`` in an override value as a dictionary and stops with "mismatched input '{'"; an unquoted
+    pattern in bash becomes one override per shard instead, of which Hydra silently keeps the last.
+    """
+    parser = OverridesParser.create()
+    tar_values: dict[str, list[str]] = {}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:  # Hydra's own flags (-m, --cfg job, -cn train …)
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException:
+            if "{" in arg:
+                fail(f"{arg}: Hydra reads {{…}} in a value as a dictionary; quote the pattern inside the argument: {quoted_fix(arg)}")
+            continue  # Hydra reports other syntax errors itself
+        if arg.endswith(".tar"):
+            tar_values.setdefault(override.key_or_group, []).append(arg)
+    for key, values in tar_values.items():
+        if len(values) > 1:
+            fail(f"{key} is given {len(values)} times ({values[0]}, {values[1]}, …): the shell expanded a brace pattern "
+                 f"into one override per shard; quote it, e.g. \"{key}='/data/cc12m/{{00000..01242}}.tar'\"")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def own_error(exn: BaseException) -> BaseException | None:
+    """The configuration or data error that psdclip code raised behind ``exn`` (unwrapping Hydra's
+    InstantiationException), or None for anything else, whose stack is worth seeing."""
+    while isinstance(exn, InstantiationException) and exn.__cause__ is not None:
+        exn = exn.__cause__
+    if not isinstance(exn, (ValueError, FileNotFoundError)) or exn.__traceback__ is None:
+        return None
+    tb = exn.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return exn if raised_in.is_relative_to(PACKAGE_DIR) else None
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Print psdclip's own start-up errors as ``error: <message>`` and exit 1; the full stack with HYDRA_FULL_ERROR=1."""
+    try:
+        yield
+    except Exception as exn:
+        error = own_error(exn)
+        if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}\n(set HYDRA_FULL_ERROR=1 to see the stack)", file=sys.stderr)
+        raise SystemExit(1) from None
