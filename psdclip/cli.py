@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
@@ -83,7 +84,7 @@ def check_overrides(args: list[str]) -> None:
                  f"into one override per shard; quote it, e.g. \"{key}='/data/cc12m/{{00000..01242}}.tar'\"")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
 

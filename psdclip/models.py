@@ -74,7 +74,7 @@ def create_clip(
 
 def architecture_mismatch(path: str | Path, held: str | None, asked: str) -> str:
     """One line saying that the weights in ``path`` belong to ``held`` (None: unknown), not to ``asked``."""
-    holds = f"a {held} model" if held else "weights of an architecture other than any in open_clip's registry"
+    holds = f"a {held} model" if held else "weights of another architecture (none of open_clip's built-in ones matches them)"
     fix = f"set model.name={held}" if held else "set model.name to the architecture they were trained with"
     return f"{path} holds {holds}, but model.name={asked} was asked: {fix}"
 
@@ -83,7 +83,8 @@ def weights_architecture(path: str | Path) -> str | None:
     """The registry name whose parameters have exactly the shapes of the open_clip weights in ``path``, or None.
 
     Candidates agreeing on the embedding, image-patch and token-embedding sizes are built on the meta device (no
-    memory, no initialisation) and compared key by key.
+    memory, no initialisation) and compared key by key; timm and Hugging Face towers are left out, since building
+    them may download. This only words an error, so a candidate that fails to build is passed over.
     """
     shapes = {key: tuple(value.shape) for key, value in open_clip.factory.load_state_dict(str(path)).items()}
 
@@ -97,10 +98,14 @@ def weights_architecture(path: str | Path) -> str | None:
         return all(shapes.get(key, shape) == shape for key, shape in expected.items())
 
     for name in open_clip.list_models():
-        if not plausible(open_clip.get_model_config(name) or {}):
+        config = open_clip.get_model_config(name) or {}
+        if "timm_model_name" in config.get("vision_cfg", {}) or "hf_model_name" in config.get("text_cfg", {}) or not plausible(config):
             continue
-        with torch.device("meta"):
-            model = open_clip.create_model(name, device="meta")
+        try:
+            with torch.device("meta"):
+                model = open_clip.create_model(name, device="meta")
+        except Exception:
+            continue
         if {key: tuple(value.shape) for key, value in model.state_dict().items()} == shapes:
             return name
     return None
