@@ -90,8 +90,12 @@ def best_on_curve(job_dir: Path, metric: str) -> float | None:
 
 
 def runs_table(study_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    jobs = [job for sweep in sorted(study_dir.iterdir()) if sweep.is_dir() and list(sweep.glob("*/.hydra"))
-            for job in load_jobs(sweep)]
+    jobs = []
+    for sweep in sorted(folder for folder in study_dir.iterdir() if folder.is_dir() and list(folder.glob("*/.hydra"))):
+        try:
+            jobs += load_jobs(sweep)
+        except FileNotFoundError as error:  # a sweep that has not finished a job yet: report the others
+            log.warning("%s", error)
     if not jobs:
         raise FileNotFoundError(f"no study runs under {study_dir}")
     metrics = select_metrics(jobs, patterns)
