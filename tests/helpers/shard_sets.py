@@ -51,7 +51,7 @@ def transform(image: Image.Image) -> torch.Tensor:
 def run_rank(stream, workers: int = 2) -> tuple[list[list[int]], np.ndarray]:
     """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried."""
     batches, counts = [], 0
-    for images, tokens, skipped in DataLoader(stream, batch_size=None, num_workers=workers):
+    for images, tokens, skipped, _ in DataLoader(stream, batch_size=None, num_workers=workers):
         assert images.shape[0] == tokens.shape[0]
         batches.append(ids_of(tokens))
         counts = counts + skipped.numpy()
