@@ -17,19 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import webdataset as wds
-from omegaconf import ListConfig
 
 from psdclip.data.make_shards import main as make_shards
 from psdclip.eval.datasets import WdsEvalSet
 from psdclip.eval.model import load_encoders
 from psdclip.eval.suite import EvalSuite
-from psdclip.loss import PSDLoss
 from psdclip.models import create_clip, read_checkpoint
-from psdclip.module import PSDCLIPModule
+from tests.helpers.checkpoints import save_tiny_checkpoint
 from tests.helpers.shard_sets import jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +174,9 @@ def test_start_up_errors_print_the_message_and_keep_the_stack_on_request(case, t
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random tiny model saved as train.py saves it, and its open_clip weights as a plain state dict."""
-    torch.manual_seed(0)
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98]))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    folder = tmp_path_factory.mktemp("ckpt")
-    trainer.save_checkpoint(folder / "tiny.ckpt")
-    torch.save(read_checkpoint(folder / "tiny.ckpt")[1], folder / "tiny_open_clip.pt")
-    return folder / "tiny.ckpt"
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+    torch.save(read_checkpoint(path)[1], path.with_name("tiny_open_clip.pt"))
+    return path
 
 
 def test_weights_of_another_architecture_are_named_in_one_line(tiny_checkpoint, tmp_path, fashion_mnist_dir):

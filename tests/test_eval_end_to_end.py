@@ -5,21 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from omegaconf import ListConfig
 from PIL import Image
 
 from psdclip.data.writer import encode_image
 from psdclip.eval.datasets import ImageFolderEvalSet, WdsEvalSet
 from psdclip.eval.suite import EvalSuite
-from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
-from psdclip.module import PSDCLIPModule
+from tests.helpers.checkpoints import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red square", "green square", "blue square"]
@@ -67,15 +64,7 @@ def make_image_folder(root: Path, per_class: int = 4) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A random tiny model saved the way train.py saves it."""
-    torch.manual_seed(0)
-    # hyperparameters as OmegaConf containers, as train.py passes them
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98]))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
 
 
 def reference_zeroshot_top1(checkpoint: Path, root: Path) -> float:
