@@ -26,7 +26,6 @@ from psdclip.data import ShardDataModule
 from psdclip.data.pipeline import EpochLoader
 from psdclip.data.writer import encode_image, write_shards
 
-
 # webdataset 1.x ends each shard with an empty end-of-shard marker that open_clip 3.3's group_by_keys_nothrow does
 # not expect (KeyError 'fname'); without the marker its pipeline runs exactly as written
 open_clip_train.data.tar_file_expander = functools.partial(wds.tariterators.tar_file_expander, eof_value=None)

@@ -18,7 +18,9 @@ from pathlib import Path
 import open_clip
 from safetensors.torch import save_file
 
-from psdclip.models import read_checkpoint  # importing it registers psdclip/model_configs with open_clip
+from psdclip.models import (
+    read_checkpoint,  # importing it registers psdclip/model_configs with open_clip
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 

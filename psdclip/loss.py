@@ -239,7 +239,7 @@ class PSDLoss(nn.Module):
         batch_size = logits_per_image.shape[1]
         teacher_image, teacher_text = teacher_logits or (logits_per_image, logits_per_text)
         distill = self.choose_subset(teacher_image, teacher_text, labels, batch_size, alpha, step)
-        options = dict(scope=self.scope, tau_teacher=self.tau_teacher, mix=self.mix)
+        options = {"scope": self.scope, "tau_teacher": self.tau_teacher, "mix": self.mix}
         image = direction_loss(logits_per_image, teacher_image, labels, distill, **options)
         text = direction_loss(logits_per_text, teacher_text, labels, distill, **options)
         loss = (image.per_row.mean() + text.per_row.mean()) / 2

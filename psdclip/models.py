@@ -1,8 +1,9 @@
 """open_clip dual encoders, tokenizers and preprocessing, by registry name or by a config shipped here."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch

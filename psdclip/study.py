@@ -26,7 +26,7 @@ import pandas as pd
 from psdclip.report import load_jobs, markdown, select_metrics
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path)
 
 def best_on_curve(job_dir: Path, metric: str) -> float | None:
     """The best value of ``metric`` over the run's evaluations (its CSV log), the final one included."""
-    values = [pd.read_csv(path)[metric].dropna() for path in job_dir.glob("csv/metrics.csv") if metric in pd.read_csv(path, nrows=0)]
-    return float(max(series.max() for series in values)) if values and any(len(v) for v in values) else None
+    values = [value for path in job_dir.glob("csv/metrics.csv") for value in pd.read_csv(path).get(metric, pd.Series()).dropna()]
+    return float(max(values)) if values else None
 
 
 def runs_table(study_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:

@@ -157,7 +157,7 @@ def test_invalid_settings_are_named_before_torch_loads(setting, tmp_path, fashio
 def test_start_up_errors_print_the_message_and_keep_the_stack_on_request(case, tmp_path, fashion_mnist_dir):
     (tmp_path / "empty").mkdir()
     overrides, message = {
-        "empty shard folder": ([f"data=shards", f"data.train_shards={tmp_path / 'empty'}"], f"error: shard pattern '{tmp_path / 'empty'}' names no shards"),
+        "empty shard folder": (["data=shards", f"data.train_shards={tmp_path / 'empty'}"], f"error: shard pattern '{tmp_path / 'empty'}' names no shards"),
         "unknown model (inside Hydra's instantiate)": (["model.name=no-such-model"], "error: unknown model 'no-such-model'"),
     }[case]
     args = ["train.py", *tiny_paths(tmp_path, fashion_mnist_dir), *overrides, "~callbacks.evaluation"]

@@ -1,4 +1,5 @@
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, t
 
 
 def test_shard_cache_separates_noise_kinds_and_sizes(fashion_mnist_dir, tmp_path):
-    make = lambda **kw: FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kw).directory  # noqa: E731
+    make = lambda **kw: FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kw).directory
     folders = {make(noise=0.4), make(noise=0.4, noise_kind="swap"), make(noise=0.4, noise_kind="generic"),
                make(noise=0.4, size=100), make(noise=0.0)}
     assert len(folders) == 5
@@ -178,9 +179,9 @@ def test_val_split_is_held_out_clean_and_disjoint_from_train(fashion_mnist_dir, 
         assert np.array_equal(np.asarray(sample["png"].convert("L")), pixels[320 + index])  # the last 29 training images
 
 
-@pytest.mark.parametrize("kwargs,message", [(dict(noise_kind="typo"), "unknown data.noise_kind 'typo'"),
-                                            (dict(size=400), "data.train_size=400 is more than the 320 images"),
-                                            (dict(size=0), "data.train_size must be a positive")])
+@pytest.mark.parametrize("kwargs,message", [({"noise_kind": "typo"}, "unknown data.noise_kind 'typo'"),
+                                            ({"size": 400}, "data.train_size=400 is more than the 320 images"),
+                                            ({"size": 0}, "data.train_size must be a positive")])
 def test_bad_data_settings_are_refused(fashion_mnist_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kwargs).num_samples
+        _ = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kwargs).num_samples

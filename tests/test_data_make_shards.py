@@ -11,8 +11,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.helpers.shard_sets import jpeg, write_bad_set
 from psdclip.data.make_shards import main
+from tests.helpers.shard_sets import jpeg, write_bad_set
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,15 @@ import pytest
 from psdclip.data import ShardDataModule
 from psdclip.data.pipeline import EpochLoader
 from psdclip.data.samples import COUNTERS
-from tests.helpers.shard_sets import ids_of, jpeg, run_rank, tokenizer, transform, write_bad_set, write_set
+from tests.helpers.shard_sets import (
+    ids_of,
+    jpeg,
+    run_rank,
+    tokenizer,
+    transform,
+    write_bad_set,
+    write_set,
+)
 
 
 def datamodule(shards, **kwargs) -> ShardDataModule:

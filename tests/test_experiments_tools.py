@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from psdclip.audit import doubt, quality
 from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.loggers import git_state
-from psdclip.report import parse_overrides, swept_keys, Job
+from psdclip.report import Job, parse_overrides, swept_keys
 from psdclip.study import aggregate, parse
 from psdclip.training import train
 

@@ -8,7 +8,7 @@ from open_clip.loss import ClipLoss
 from psdclip.loss import PSDLoss, direction_loss
 
 # the rule these tests were written for: a random D, the self teacher, soft targets over D (loss=psd_random)
-RANDOM = dict(subset="random", teacher="self", scope="subset")
+RANDOM = {"subset": "random", "teacher": "self", "scope": "subset"}
 
 
 def features(n=8, dim=6, seed=0, dtype=torch.float32):
@@ -174,14 +174,14 @@ def test_distill_mask_is_reproducible_and_varies_by_step():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(alpha_max=1.0), "alpha_max must be in \\[0, 1\\)"),
-        (dict(alpha_max=-0.1), "alpha_max must be in \\[0, 1\\)"),
-        (dict(subset="random", teacher="self", scope="batch", tau_teacher=1.0), "no learning signal"),
-        (dict(teacher="oracle"), "unknown teacher"),
-        (dict(scope="everything"), "unknown scope"),
-        (dict(tau_teacher=0.0), "tau_teacher must be > 0"),
-        (dict(mix=1.5), "mix must be in"),
-        (dict(schedule="step"), "unknown alpha schedule"),
+        ({"alpha_max": 1.0}, "alpha_max must be in \\[0, 1\\)"),
+        ({"alpha_max": -0.1}, "alpha_max must be in \\[0, 1\\)"),
+        ({"subset": "random", "teacher": "self", "scope": "batch", "tau_teacher": 1.0}, "no learning signal"),
+        ({"teacher": "oracle"}, "unknown teacher"),
+        ({"scope": "everything"}, "unknown scope"),
+        ({"tau_teacher": 0.0}, "tau_teacher must be > 0"),
+        ({"mix": 1.5}, "mix must be in"),
+        ({"schedule": "step"}, "unknown alpha schedule"),
     ],
 )
 def test_refused_settings(kwargs, message):
@@ -263,7 +263,7 @@ def test_the_noise_marks_reach_the_logged_statistics():
     assert out.stats["batch_noise"] == pytest.approx(3 / 16)
 
 
-@pytest.mark.parametrize("rule", [dict(subset="doubt", teacher="ema", scope="batch", mix=0.7), RANDOM])
+@pytest.mark.parametrize("rule", [{"subset": "doubt", "teacher": "ema", "scope": "batch", "mix": 0.7}, RANDOM])
 def test_targets_are_the_ones_the_loss_used(rule):
     n = 12
     image, text = features(n, dtype=torch.float64)

@@ -14,11 +14,11 @@ from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
 
 WORLD, PER_RANK = 2, 8
-RANDOM = dict(subset="random", scope="subset")  # the random rule (loss=psd_random)
-DOUBT = dict(subset="doubt", scope="batch")  # the default rule: D = the pairs the teacher doubts most
+RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
+DOUBT = {"subset": "doubt", "scope": "batch"}  # the default rule: D = the pairs the teacher doubts most
 CASES = [  # (loss settings, local_loss)
-    (dict(alpha_max=0.0, schedule="constant"), False),
-    (dict(alpha_max=0.0, schedule="constant"), True),
+    ({"alpha_max": 0.0, "schedule": "constant"}, False),
+    ({"alpha_max": 0.0, "schedule": "constant"}, True),
     (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), False),
     (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), True),
     (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), False),
@@ -123,7 +123,7 @@ def test_ddp_step_equals_single_process(ddp_results, index):
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             assert grad.abs().max() > 0 or name == "logit_scale", f"{name}: zero gradient, the test cannot tell"
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         # after the AdamW step (lr 1e-3; eps 1e-4 above gradient rounding: its first step ~ lr·g/(|g| + eps) would
         # otherwise turn a 1e-8 rounding difference in a ~1e-7 gradient into a 1e-5 weight difference)
         for group in ("weights", "teacher"):  # the EMA teacher agrees on every rank

@@ -10,9 +10,9 @@ import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import open_dict
 
 from psdclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from psdclip.export import export

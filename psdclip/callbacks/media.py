@@ -21,7 +21,7 @@ from psdclip.data.sources import expand_shards
 from psdclip.eval.zeroshot import classifier_weights
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 

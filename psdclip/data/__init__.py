@@ -1,4 +1,4 @@
 from psdclip.data.datamodule import ShardDataModule
 from psdclip.data.embedded import EmbeddedDataModule
 
-__all__ = ["ShardDataModule", "EmbeddedDataModule"]
+__all__ = ["EmbeddedDataModule", "ShardDataModule"]

@@ -120,9 +120,9 @@ class FashionMNISTShards:
     def directory(self) -> Path:
         noise = self.noise if self.noisy else 0.0
         sources = [f"{path.name}:{path.stat().st_size}" for path in self.source_files()]
-        settings = dict(split=self.split, noise=noise, noise_kind=self.noise_kind if self.noisy else None, seed=self.seed,
-                        shard_size=self.shard_size, rows=list(self.rows), sources=sources, templates=CAPTION_TEMPLATES,
-                        generic=GENERIC_CAPTIONS, classnames=CLASSNAMES, version=FORMAT_VERSION)
+        settings = {"split": self.split, "noise": noise, "noise_kind": self.noise_kind if self.noisy else None, "seed": self.seed,
+                        "shard_size": self.shard_size, "rows": list(self.rows), "sources": sources, "templates": CAPTION_TEMPLATES,
+                        "generic": GENERIC_CAPTIONS, "classnames": CLASSNAMES, "version": FORMAT_VERSION}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         kind = f"-{self.noise_kind}" if self.noisy else ""
         return Path(self.cache_dir) / "fashion_mnist" / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"

@@ -25,7 +25,13 @@ from pathlib import Path
 from PIL import Image
 
 from psdclip.data.samples import BadSample, caption_of
-from psdclip.data.writer import SIZES_FILE, encode_image, shard_numbers, shard_pattern, write_shards
+from psdclip.data.writer import (
+    SIZES_FILE,
+    encode_image,
+    shard_numbers,
+    shard_pattern,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,16 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from psdclip.data import plan
-from psdclip.data.samples import BadSample, SkipCounter, caption_of, ignore, image_keys, image_of, read_segments, shard_samples
+from psdclip.data.samples import (
+    BadSample,
+    SkipCounter,
+    caption_of,
+    ignore,
+    image_keys,
+    image_of,
+    read_segments,
+    shard_samples,
+)
 from psdclip.data.sources import Shard
 
 # a stream that skips this many samples in a row is not web noise but wrong settings or unreadable data

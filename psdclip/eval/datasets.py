@@ -176,7 +176,8 @@ class FashionMNISTEvalSet(WdsEvalSet):
     """
 
     def __init__(self, source_dir: str, cache_dir: str, split: str = "test", train_samples: int = 5000, retrieval_images: int = 1000):
-        from psdclip.data.embedded import RESOURCES as DATA_RESOURCES, FashionMNISTShards
+        from psdclip.data.embedded import RESOURCES as DATA_RESOURCES
+        from psdclip.data.embedded import FashionMNISTShards
 
         if split not in ("test", "val"):
             raise ValueError(f"the embedded evaluation split must be 'test' or 'val', got {split!r}")

@@ -4,7 +4,13 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from psdclip.models import CLIPBundle, architecture_mismatch, create_clip, load_clip_checkpoint
+from psdclip.models import (
+    CLIPBundle,
+    architecture_mismatch,
+    create_clip,
+    load_clip_checkpoint,
+)
+
 
 class CLIPEncoders(nn.Module):
     """``encode_image``/``encode_text`` (L2-normalised), ``tokenizer`` and ``eval_transform`` — what the suite needs."""
