@@ -51,6 +51,7 @@ class RichProgress(RichProgressBar):
         # Lightning's bar reads "Epoch 0/2" for 3 epochs (both counted from 0)
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id, description=epoch_label(trainer))
+            self.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
