@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     # max_steps > 0 ends the run by itself: Lightning would otherwise also stop at max_epochs, whichever comes first
-    epochs = {"max_epochs": -1} if cfg.trainer.get("max_steps", -1) > 0 else {}
+    epochs = {"max_epochs": -1} if (cfg.trainer.get("max_steps") or -1) > 0 else {}
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers, **epochs)
     if trainer.is_global_zero:
         # one line instead of Lightning's table, whose FLOPs column reads 0 for models it cannot trace

@@ -23,7 +23,7 @@ from tests.conftest import compose_train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 1500, **env: str) -> subprocess.CompletedProcess:
     """``command`` in the repository with this checkout's psdclip, its output merged; killed on timeout or error."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -104,7 +104,7 @@ def test_summary_and_evaluation_results_sit_at_the_run_root(tiny_run):
 
 
 def test_config_error_reaches_train_log(fashion_mnist_dir, tmp_path):
-    done = run([sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.lr=-1"], timeout=120)
+    done = run([sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.lr=-1"], timeout=600)
     assert done.returncode == 1 and "error: optim.lr=-1 cannot work" in done.stdout, done.stdout[-3000:]
     assert "error: optim.lr=-1 cannot work" in (tmp_path / "run" / "train.log").read_text()
 
@@ -164,8 +164,8 @@ def test_make_clean_cache_deletes_the_cached_shards(tmp_path):
     (shard_set / "train-000000.tar").write_bytes(b"\0" * 1024)
     mine = cache / "not_psdclip.txt"
     mine.write_text("kept")
-    listed = run([sys.executable, "-m", "psdclip.cache"], timeout=120, PSDCLIP_CACHE=str(cache))
+    listed = run([sys.executable, "-m", "psdclip.cache"], timeout=600, PSDCLIP_CACHE=str(cache))
     assert listed.returncode == 0 and str(shard_set) in listed.stdout, listed.stdout
-    done = run(["make", "-s", "clean-cache", f"PYTHON={sys.executable}"], timeout=120, PSDCLIP_CACHE=str(cache))
+    done = run(["make", "-s", "clean-cache", f"PYTHON={sys.executable}"], timeout=600, PSDCLIP_CACHE=str(cache))
     assert done.returncode == 0, done.stdout
     assert not shard_set.exists() and mine.read_text() == "kept"
