@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast clean clean-cache
 
 # The one set-up command: the package with pinned dependencies, plus Fashion-MNIST where apt can install it.
 install:
@@ -20,5 +20,10 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
+# every run folder (checkpoints included) under logs/
 clean:
 	rm -rf logs .pytest_cache
+
+# the embedded dataset's cached shards (one set per data setting, e.g. per data.noise); rebuilt when next needed
+clean-cache:
+	$(PYTHON) -m psdclip.cache --clean

@@ -1,12 +1,23 @@
 """Evaluate a checkpoint (ours, or an open_clip model with weights): `python evaluate.py ckpt=<path> [evaluation=...]`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from psdclip.cli import check_overrides, check_settings, reported_errors
+from psdclip.runlog import announce
+
+
+def results_path(cfg: DictConfig) -> Path:
+    """``results_file``, else beside the checkpoint (``last.ckpt`` → ``last.eval.json``), else in this run's folder."""
+    if cfg.results_file:
+        return Path(cfg.results_file)
+    if cfg.ckpt:
+        return Path(cfg.ckpt).with_suffix(".eval.json")
+    return Path(cfg.paths.output_dir, "results.json")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -24,8 +35,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
         suite = instantiate(cfg.evaluation)
         metrics = suite.run(encoders, Runtime(fabric.device, fabric.autocast, fabric.global_rank, fabric.world_size, fabric.all_gather))
         if fabric.is_global_zero:
-            path = write_results(cfg.results_file, metrics, model=encoders.name, ckpt=cfg.ckpt, pretrained=cfg.model.pretrained, timings_s=suite.timings)
-            print(f"\n{format_results(metrics)}\nresults: {path}")
+            path = write_results(results_path(cfg), metrics, model=encoders.name, ckpt=cfg.ckpt, pretrained=cfg.model.pretrained, timings_s=suite.timings)
+            announce(f"\n{format_results(metrics)}\nresults: {path}")
     return metrics
 
 

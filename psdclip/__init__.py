@@ -20,6 +20,17 @@ def run_id() -> str:
     return str(os.getpid())
 
 
+def cpus(most: int = 8) -> int:
+    """``${cpus:8}``: the CPUs this process may use (its affinity, e.g. a SLURM or container limit), at most ``most``.
+
+    A DataLoader with more workers than that only competes with itself (and torch warns about it).
+    """
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(most), available))
+
+
 # registered on import, before Hydra resolves the run folder (train.py, evaluate.py and the tools import psdclip)
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", run_id)
+if not OmegaConf.has_resolver("cpus"):
+    OmegaConf.register_new_resolver("cpus", cpus)

@@ -15,6 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
+from psdclip.runlog import announce
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -112,5 +114,5 @@ def reported_errors() -> Iterator[None]:
         error = own_error(exn)
         if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {error}\n(set HYDRA_FULL_ERROR=1 to see the stack)", file=sys.stderr)
+        announce(f"error: {error}\n(set HYDRA_FULL_ERROR=1 to see the stack)", error=True)
         raise SystemExit(1) from None

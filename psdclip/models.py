@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from psdclip.checkpointing import check_complete
+from psdclip.quiet import quiet_libraries
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # where a psdclip training checkpoint keeps each set of open_clip weights
 CHECKPOINT_WEIGHTS = {"student": "model.", "ema": "teacher.average.module."}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+quiet_libraries()  # every entry point builds its models through here
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Tabulate and plot a Hydra multirun: ``python -m psdclip.report <multirun dir> [--metric M] [--columns PATTERN ...]``.
 
-Each job folder holds ``.hydra/overrides.yaml`` (what the sweeper chose) and ``checkpoints/summary.json`` (what the
+Each job folder holds ``.hydra/overrides.yaml`` (what the sweeper chose) and ``summary.json`` (what the
 run measured). Writes ``report.csv``, ``report.md`` and ``report.png`` (the metric against each swept value) into the
 multirun folder, or ``--out``.
 """
@@ -46,7 +46,8 @@ def parse_overrides(lines: list[str]) -> dict[str, object]:
 
 
 def find_summary(job: Path) -> Path | None:
-    preferred = job / "checkpoints" / SUMMARY_FILE
+    """The job's summary: at its folder's top, or anywhere below it (older runs wrote ``checkpoints/summary.json``)."""
+    preferred = job / SUMMARY_FILE
     return preferred if preferred.is_file() else next(iter(sorted(job.rglob(SUMMARY_FILE))), None)
 
 

@@ -16,6 +16,7 @@ from psdclip.checkpointing import resolve_ckpt_path
 from psdclip.cli import check_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
+from psdclip.runlog import announce
 from psdclip.summary import SUMMARY_FILE, format_table
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
+    # max_steps > 0 ends the run by itself: Lightning would otherwise also stop at max_epochs, whichever comes first
+    epochs = {"max_epochs": -1} if (cfg.trainer.get("max_steps") or -1) > 0 else {}
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers, **epochs)
+    if trainer.is_global_zero:
+        # one line instead of Lightning's table, whose FLOPs column reads 0 for models it cannot trace
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in module.parameters())
+        log.info("model %s: %s trainable parameters, %s in all (an EMA teacher's, if any, included)", clip.name,
+                 f"{trainable:,}", f"{total:,}")
     resolved = {**OmegaConf.to_container(cfg, resolve=True), "git": git_state()}
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -89,9 +98,8 @@ def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "metrics": metrics,
         "output_dir": str(Path(trainer.default_root_dir)),
     }
-    checkpoint = trainer.checkpoint_callback
-    folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    print(f"\n{format_table([summary])}\nsummary: {folder / SUMMARY_FILE}")
+    path = Path(trainer.default_root_dir, SUMMARY_FILE)  # the run folder's top, beside eval_results.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    announce(f"\n{format_table([summary])}\nsummary: {path}")
     return summary

@@ -136,7 +136,7 @@ def test_two_point_multirun_and_report_write_table_and_plot(fashion_mnist_dir, t
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(sweep / "report.csv")
     assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
-    summaries = [json.loads((sweep / str(i) / "checkpoints" / "summary.json").read_text()) for i in range(2)]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
     metric = "eval/fashion_mnist/zeroshot_top1"
     assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
     assert "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric is tabulated

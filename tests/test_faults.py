@@ -152,7 +152,7 @@ def test_ddp_cpu_run_of_the_default_config_finishes_with_evaluation(two_shard_ev
     assert (
         0 <= results["eval/fashion_mnist/zeroshot_top1"] <= 1 and "eval/fashion_mnist/retrieval_mean_recall" in results
     )
-    summary = json.loads((folder / "checkpoints" / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["zeroshot_top1"] == results["eval/fashion_mnist/zeroshot_top1"]
     assert step_of(folder / "checkpoints" / "last.ckpt") == 2
 

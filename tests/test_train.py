@@ -25,7 +25,7 @@ def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, 
     metrics = train(train_cfg())
     assert 0.0 <= metrics["eval/fashion_mnist/zeroshot_top1"] <= 1.0
     run = tmp_path / "run"
-    summary = json.loads((run / "checkpoints" / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "psd" and summary["alpha_max"] == 0.5 and summary["noise"] == 0.3
     assert summary["steps"] == 10 and summary["zeroshot_top1"] == metrics["eval/fashion_mnist/zeroshot_top1"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -46,7 +46,7 @@ def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, 
 def test_clip_and_ema_teacher_variants_train(train_cfg, tmp_path, overrides, method):
     metrics = train(train_cfg("trainer.max_steps=3", *overrides))
     assert "eval/fashion_mnist/zeroshot_top1" in metrics
-    assert json.loads((tmp_path / "run" / "checkpoints" / "summary.json").read_text())["method"] == method
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == method
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
-    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("[0-9]*/checkpoints/summary.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("[0-9]*/summary.json"))]
     assert [(r["method"], r["alpha_max"]) for r in runs] == [("clip", 0.0), ("psd", 0.25)]
     assert json.loads((sweep / "summary.json").read_text()) == runs
     table = result.stdout[result.stdout.index("Multirun summary"):]

@@ -5,6 +5,8 @@ import sys
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
+from psdclip.runlog import file_log
+
 log = logging.getLogger(__name__)
 
 # ThroughputMonitor's figures: all ranks (logged when world_size > 1), else this device
@@ -20,11 +22,41 @@ def short_metrics(trainer, metrics: dict) -> dict:
     return shown
 
 
+def epoch_label(trainer) -> str:
+    """``Epoch 1/3`` … ``Epoch 3/3`` (counted from 1, like the total), or ``Epoch 1`` when ``max_steps`` ends the run."""
+    label = f"Epoch {trainer.current_epoch + 1}"
+    return f"{label}/{trainer.max_epochs}" if trainer.max_epochs is not None and trainer.max_epochs > 0 else label
+
+
+def report_line(trainer, metrics: dict, where: str = "") -> str:
+    """One progress line: epoch, step of the total, ``where`` and every metric."""
+    figures = "  ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items())
+    total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+    return "  ".join(part for part in (epoch_label(trainer), f"step {trainer.global_step}/{total}", where, figures) if part)
+
+
 class RichProgress(RichProgressBar):
-    """The rich bar showing loss, alpha (the current distillation ratio) and samples/s."""
+    """The rich bar showing loss, alpha (the current distillation ratio) and samples/s; every ``every_n_steps`` steps
+    the same figures go to the run's log file, which the bar never reaches."""
+
+    def __init__(self, every_n_steps: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        self.every_n_steps = every_n_steps
 
     def get_metrics(self, trainer, pl_module) -> dict:
         return short_metrics(trainer, super().get_metrics(trainer, pl_module))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # Lightning's bar reads "Epoch 0/2" for 3 epochs (both counted from 0)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=epoch_label(trainer))
+            self.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:
+            file_log.info(report_line(trainer, self.get_metrics(trainer, pl_module)))
 
 
 class LogProgress(ProgressBar):
@@ -44,10 +76,7 @@ class LogProgress(ProgressBar):
     def _report(self, trainer, pl_module, where: str) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
-        metrics = short_metrics(trainer, self.get_metrics(trainer, pl_module))
-        figures = "  ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items())
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        log.info("epoch %d  step %d/%d  %s  %s", trainer.current_epoch, trainer.global_step, total, where, figures)
+        log.info(report_line(trainer, short_metrics(trainer, self.get_metrics(trainer, pl_module)), where))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -68,5 +97,5 @@ def progress_bar(enabled: bool = True, style: str = "auto", every_n_steps: int =
     if not enabled:
         return None
     if style == "rich" or (style == "auto" and sys.stdout.isatty()):
-        return RichProgress()
+        return RichProgress(every_n_steps)
     return LogProgress(every_n_steps)

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from psdclip.eval.features import Runtime
-from psdclip.eval.suite import EvalSuite, write_results
+from psdclip.eval.suite import EvalSuite, format_results, write_results
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class EvaluationCallback(L.Callback):
                 logger.log_metrics(results, step=trainer.global_step)
             if self.results_file:
                 write_results(self.results_file, results, step=trainer.global_step, epoch=trainer.current_epoch)
+            log.info("evaluation at step %d:\n%s", trainer.global_step, format_results(results))
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in results.items()})
         self.results = results
         return results
