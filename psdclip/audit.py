@@ -2,10 +2,10 @@
 
     python -m psdclip.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [fraction=0.5] [batch_size=256]
 
-The score is the PSD loss's own doubt (``psdclip.loss.partner_probability``): in a batch of ``batch_size`` pairs
-(the training batch), 1 − the model's probability on the pair's own partner, softmax(logit_scale × cosine / tau),
-averaged over the image→text and text→image directions. In each batch the ``fraction`` most doubted pairs are
-flagged: the distillation subset D the loss picks at alpha = ``fraction``.
+The score is the PSD loss's own doubt (``PSDLoss.doubt`` of the ``loss`` config, the default ``loss=psd``): in a
+batch of ``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine) against the other pairs
+of the batch, e.g. how far the best candidate outscores the pair's own partner, averaged over the image→text and
+text→image directions. In each batch the pairs the loss would distil at alpha = ``fraction`` are flagged (its D).
 
 Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, flagged, …),
 ``suspects.csv`` (the ``top_k`` first), ``suspects.png`` (an image grid) and ``audit.json``. When the data says
@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from psdclip.loss import most_doubted, partner_probability
+from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle, load_clip_checkpoint
 from psdclip.module import MAX_LOGIT_SCALE
 
@@ -42,10 +42,10 @@ import matplotlib.pyplot as plt
 log = logging.getLogger(__name__)
 
 
-def doubt(image: torch.Tensor, text: torch.Tensor, scale: float, tau: float = 1.0) -> torch.Tensor:
-    """The loss's doubt of each pair of a batch (rows of normalised ``image``/``text``): 1 − partner probability."""
+def batch_doubt(loss: PSDLoss, image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """The loss's doubt of each pair of a batch (rows of normalised ``image``/``text``), higher = more suspect."""
     logits = scale * image @ text.T
-    return 1 - partner_probability(logits, logits.T, torch.arange(len(image), device=image.device), tau)
+    return loss.doubt(logits, logits.T, torch.arange(len(image), device=image.device))
 
 
 @dataclass
@@ -83,8 +83,8 @@ class PairStream:
 @dataclass
 class Auditor:
     clip: CLIPBundle
+    loss: PSDLoss
     device: torch.device
-    tau: float = 1.0
     scale: float = field(init=False)
 
     def __post_init__(self):
@@ -102,8 +102,8 @@ class Auditor:
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
         rows, worst = [], []  # worst: a min-heap of the grid's (score, index, image)
         for batch in stream.batches(self.clip.eval_transform, batch_size, limit):
-            scores = doubt(*self.encode(batch), self.scale, self.tau)
-            flagged = most_doubted(-scores, math.floor(fraction * len(batch)))  # most doubted = lowest belief
+            scores = batch_doubt(self.loss, *self.encode(batch), self.scale)
+            flagged = self.loss.most_doubted(scores, math.floor(fraction * len(batch)))
             for item, score, flag in zip(batch, scores.tolist(), flagged.tolist()):
                 row = {"shard": item["shard"], "key": item["key"], "caption": item["caption"], "score": score, "flagged": flag}
                 if "corrupted" in item["meta"]:
@@ -157,12 +157,16 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     datamodule = instantiate(cfg.data, transform=clip.eval_transform, tokenizer=clip.tokenizer)
     datamodule.prepare_data()
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
-    auditor = Auditor(clip, torch.device(cfg.device), cfg.tau)
+    loss = instantiate(cfg.loss)
+    if loss.subset == "random":
+        raise ValueError("loss.subset=random has no doubt score to audit with; use loss=psd (outscored) or loss.subset=doubt")
+    auditor = Auditor(clip, loss, torch.device(cfg.device))
     frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.fraction, cfg.limit, cfg.grid)
     frame.to_csv(out_dir / "scores.csv", index=False)
     frame.head(cfg.top_k).to_csv(out_dir / "suspects.csv", index=False)
     image_grid(suspects, rows, out_dir / "suspects.png")
-    result = {"ckpt": str(cfg.ckpt), "shards": datamodule.train_shards, "tau": cfg.tau, "logit_scale": auditor.scale,
+    result = {"ckpt": str(cfg.ckpt), "shards": datamodule.train_shards, "subset": loss.subset, "tau": loss.tau_teacher,
+              "outscore_margin": loss.outscore_margin, "logit_scale": auditor.scale,
               "batch_size": cfg.batch_size, "fraction": cfg.fraction, **quality(frame)}
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
     figures = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards"))

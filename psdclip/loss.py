@@ -1,11 +1,14 @@
 """Progressive self-distillation (PSD) loss, a drop-in generalisation of open_clip's ClipLoss.
 
-For a global batch of N pairs, a distillation subset D of floor(alpha * N) pairs trades its one-hot target for the
-teacher's soft alignment; every other pair keeps the usual contrastive target. alpha ramps up over training. D is
-either drawn at random (the literal reading of the paper's abstract) or chosen as the pairs the teacher doubts most:
-the lowest teacher probability on the pair's own partner, averaged over both directions. Wrong captions are the
-pairs a model that has learnt the clean majority doubts, so D then catches the noise and replaces its false targets
-with the teacher's belief. At alpha = 0 the loss is exactly open_clip's symmetric InfoNCE.
+For a global batch of N pairs, a distillation subset D of at most floor(alpha * N) pairs trades its one-hot target for
+the teacher's soft alignment; every other pair keeps the usual contrastive target. alpha ramps up over training. D is
+drawn at random (the literal reading of the paper's abstract) or chosen from the teacher's doubt of each pair:
+``outscored`` (the default) takes the pairs whose best candidate, in either direction, the teacher scores more than
+``outscore_margin`` logits above the pair itself; ``doubt`` takes the lowest teacher probability on the own partner.
+A wrong caption is one the teacher confidently places elsewhere, so D catches it and replaces its false target with
+the teacher's belief; a clean pair that is merely hard has no confident alternative, keeps its target and is learnt
+(the fixed-count ``doubt`` rule also distils those, and so stops learning them). At alpha = 0 the loss is exactly
+open_clip's symmetric InfoNCE.
 
 Like open_clip's ClipLoss, the loss owns what it needs: the gather of features across ranks, the logits and labels,
 alpha at the step, D, the targets, and the statistics to log.
@@ -25,7 +28,7 @@ from psdclip.teacher import EMATeacher
 
 TEACHERS = ("self", "ema")
 SCOPES = ("subset", "batch")
-SUBSETS = ("random", "doubt")
+SUBSETS = ("random", "doubt", "outscored")
 
 
 @dataclass
@@ -103,6 +106,15 @@ def partner_probability(logits_per_image: Tensor, logits_per_text: Tensor, label
     return (image.exp() + text.exp()) / 2
 
 
+def partner_gap(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tensor, tau: float = 1.0) -> Tensor:
+    """How far each row's best candidate outscores its own partner, in logits / tau, averaged over both directions:
+    (rows,), ≥ 0; 0 when the partner is the best candidate both ways."""
+    rows = torch.arange(len(labels), device=labels.device)
+    gaps = [(logits.detach().float() / tau).max(dim=-1).values - logits.detach().float()[rows, labels] / tau
+            for logits in (logits_per_image, logits_per_text)]
+    return (gaps[0] + gaps[1]) / 2
+
+
 def most_doubted(belief: Tensor, count: int) -> Tensor:
     """Bool mask of the ``count`` entries of ``belief`` with the lowest value; ties go to the lower index."""
     mask = torch.zeros(len(belief), dtype=torch.bool, device=belief.device)
@@ -117,8 +129,12 @@ class PSDLoss(nn.Module):
         alpha_max: final distillation ratio, in [0, 1).
         schedule: ``linear``, ``cosine`` or ``constant``; ramps alpha from 0 at ``ramp_start`` to ``alpha_max``
             at ``ramp_end`` (default: the last training step).
-        subset: how D is chosen: ``doubt`` (the floor(alpha·N) pairs of the global batch with the lowest teacher
-            probability on their own partner) or ``random`` (drawn from seed and step).
+        subset: how D is chosen: ``outscored`` (of the pairs whose teacher's best candidate outscores their own
+            partner by more than ``outscore_margin`` logits / tau_teacher, averaged over both directions, the at most
+            floor(alpha·N) with the largest gap), ``doubt`` (the floor(alpha·N) pairs of the global batch with the lowest
+            teacher probability on their own partner) or ``random`` (drawn from seed and step).
+        outscore_margin: for ``outscored``, the gap in logits (a log-odds ratio: e² ≈ 7× at 2) that makes a pair
+            suspect.
         teacher: ``self`` (the student's own detached logits) or ``ema`` (a momentum copy of the model with decay
             ``ema_decay``, built by ``make_teacher``).
         scope: ``batch`` spreads soft targets over all N pairs; ``subset`` over D's own pairs only.
@@ -136,12 +152,13 @@ class PSDLoss(nn.Module):
         schedule: str = "linear",
         ramp_start: int = 0,
         ramp_end: int | None = None,
-        subset: str = "doubt",
+        subset: str = "outscored",
         teacher: str = "ema",
         ema_decay: float = 0.99,
         scope: str = "batch",
         tau_teacher: float = 1.0,
         mix: float = 1.0,
+        outscore_margin: float = 2.0,
         seed: int = 0,
         local_loss: bool = False,
     ):
@@ -153,6 +170,8 @@ class PSDLoss(nn.Module):
             raise ValueError(f"tau_teacher must be > 0, got {tau_teacher}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1], got {mix}")
+        if outscore_margin < 0:
+            raise ValueError(f"outscore_margin must be >= 0, got {outscore_margin}")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         # the self teacher's untempered, unmixed soft target over the batch is the prediction itself: its rows carry no
@@ -167,6 +186,7 @@ class PSDLoss(nn.Module):
         self.schedule = make_schedule(schedule, alpha_max, ramp_start, ramp_end)
         self.subset, self.teacher, self.ema_decay, self.scope = subset, teacher, ema_decay, scope
         self.tau_teacher, self.mix, self.seed, self.local_loss = tau_teacher, mix, seed, local_loss
+        self.outscore_margin = outscore_margin
 
     @property
     def alpha_max(self) -> float:
@@ -263,11 +283,22 @@ class PSDLoss(nn.Module):
         count = math.floor(alpha * batch_size)
         if self.subset == "random" or count == 0:
             return self.distill_mask(batch_size, alpha, step).to(labels.device)
+        score = self.doubt(teacher_image, teacher_text, labels)
         # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
-        belief = partner_probability(teacher_image, teacher_text, labels, self.tau_teacher)
-        if len(belief) < batch_size:
-            belief = gather(belief, grad=False)
-        return most_doubted(belief, count)
+        return self.most_doubted(gather(score, grad=False) if len(score) < batch_size else score, count)
+
+    def doubt(self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor) -> Tensor:
+        """The teacher's doubt of each row's pair, higher = more suspect: (rows,). ``subset=outscored``: how many
+        logits (/ tau_teacher) its best candidate scores above its own partner; ``doubt``: 1 − partner probability."""
+        if self.subset == "outscored":
+            return partner_gap(teacher_image, teacher_text, labels, self.tau_teacher)
+        return 1 - partner_probability(teacher_image, teacher_text, labels, self.tau_teacher)
+
+    def most_doubted(self, score: Tensor, count: int) -> Tensor:
+        """Bool mask of the (at most) ``count`` most doubted pairs; ``outscored`` takes only pairs above the margin."""
+        if self.subset == "outscored":
+            count = min(count, int((score > self.outscore_margin).sum()))
+        return most_doubted(-score, count)
 
     def targets(self, output: PSDOutput) -> Tensor:
         """The image→text targets the loss used for this rank's rows: (rows, N), one-hot outside D."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from psdclip.audit import doubt, quality
+from psdclip.audit import batch_doubt, quality
 from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.loggers import git_state
 from psdclip.report import Job, parse_overrides, swept_keys
@@ -207,20 +207,24 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_audit_scores_pairs_with_the_doubt_of_the_loss():
-    """The audit's score is 1 − the loss's partner probability, and its flags in a batch are the loss's D."""
+@pytest.mark.parametrize("subset", ["outscored", "doubt"])
+def test_audit_scores_pairs_with_the_doubt_of_the_loss(subset):
+    """The audit's score is the loss's doubt of each pair in its batch, and its flags in a batch are the loss's D."""
     from psdclip.loss import PSDLoss
 
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(10, 8, generator=generator), dim=-1)
     text = torch.nn.functional.normalize(image + 0.5 * torch.randn(10, 8, generator=generator), dim=-1)
-    score = doubt(image, text, scale=10.0, tau=2.0)
-    logits = 10.0 * image @ text.T
-    by_hand = 1 - 0.5 * ((logits / 2.0).softmax(1).diagonal() + (logits.T / 2.0).softmax(1).diagonal())
+    loss = PSDLoss(alpha_max=0.4, schedule="constant", subset=subset, teacher="self", tau_teacher=2.0, outscore_margin=0.5)
+    score = batch_doubt(loss, image, text, scale=10.0)
+    logits = 10.0 * image @ text.T / 2.0
+    if subset == "doubt":  # 1 − the probability on the own partner
+        by_hand = 1 - 0.5 * (logits.softmax(1).diagonal() + logits.T.softmax(1).diagonal())
+    else:  # how far the best candidate outscores the own partner
+        by_hand = 0.5 * (logits.max(1).values + logits.max(0).values) - logits.diagonal()
     torch.testing.assert_close(score, by_hand)
-    loss = PSDLoss(alpha_max=0.4, schedule="constant", subset="doubt", teacher="self", scope="subset", tau_teacher=2.0)
-    distill = loss.from_logits(logits, logits.T, torch.arange(10), 0.4, 0).distill
-    assert torch.equal(distill, score >= score.topk(4).values.min())
+    distill = loss.from_logits(10.0 * image @ text.T, 10.0 * text @ image.T, torch.arange(10), 0.4, 0).distill
+    assert torch.equal(distill, loss.most_doubted(score, 4)) and distill.sum() >= 1
 
 
 def test_audit_quality_against_known_corruption():

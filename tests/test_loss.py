@@ -290,5 +290,57 @@ def test_only_the_ema_teacher_of_a_distilling_loss_is_built():
 
 
 def test_unknown_subset_rule_is_refused():
-    with pytest.raises(ValueError, match="unknown subset 'hardest'; choose one of \\('random', 'doubt'\\)"):
+    with pytest.raises(ValueError, match="unknown subset 'hardest'; choose one of \\(.random., .doubt., .outscored.\\)"):
         PSDLoss(subset="hardest")
+
+
+def concept_batch(seed=0):
+    """16 pairs in 4 concepts of 4 near-identical captions. Concept 0's images are barely aligned with its captions
+    (a concept that is hard to see); pair 9's caption names concept 3 while its image shows concept 2 (a wrong caption)."""
+    g = torch.Generator().manual_seed(seed)
+    concepts = F.normalize(torch.randn(4, 64, generator=g), dim=-1)
+    group = torch.arange(16) // 4
+    text = F.normalize(concepts[group] + 0.01 * torch.randn(16, 64, generator=g), dim=-1)
+    noise = torch.randn(16, 64, generator=g)
+    text[9] = F.normalize(concepts[3] + 0.01 * torch.randn(64, generator=g), dim=-1)
+    basis = torch.linalg.qr(concepts.T).Q  # noise orthogonal to every concept: it moves no image towards a caption
+    noise = F.normalize(noise - noise @ basis @ basis.T, dim=-1)
+    image = F.normalize(concepts[group] + torch.where(group == 0, 4.0, 0.3)[:, None] * noise, dim=-1)
+    return image, text
+
+
+def test_partner_gap_equals_a_hand_computation():
+    from psdclip.loss import partner_gap
+
+    logits = torch.tensor([[3.0, 5.0, 1.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
+    # image→text: best − own = 5 − 3, 4 − 4, 1 − 1; text→image (columns): 3 − 3, 5 − 4, 1 − 1; halved by tau = 0.5
+    torch.testing.assert_close(partner_gap(logits, logits.T, torch.arange(3), tau=0.5), torch.tensor([2.0, 1.0, 0.0]))
+
+
+def test_outscored_picks_the_wrong_caption_not_the_pairs_of_a_hard_concept():
+    image, text = concept_batch()
+    chosen = {}
+    for subset in ("doubt", "outscored"):
+        loss = PSDLoss(alpha_max=0.25, schedule="constant", subset=subset, teacher="self", outscore_margin=2.0)
+        chosen[subset] = torch.nonzero(loss(image, text, torch.tensor(20.0), 0, 10).distill).flatten().tolist()
+    # the fixed-count rule fills its quota of 4 with clean pairs of the hard concept 0 and of concept 3; only pair 9
+    # has a candidate that outscores it by more than the margin
+    assert chosen["doubt"] == [2, 3, 9, 15]
+    assert chosen["outscored"] == [9]
+
+
+def test_outscored_takes_at_most_alpha_n_pairs_largest_gap_first():
+    image, text = planted_batch(corrupted=(2, 5, 11))
+    loss = PSDLoss(alpha_max=2 / 16, schedule="constant", subset="outscored", teacher="self", outscore_margin=0.5)
+    logits = 20 * image @ text.T
+    from psdclip.loss import partner_gap
+
+    gap = partner_gap(logits, logits.T, torch.arange(16))
+    out = loss.from_logits(logits, logits.T, torch.arange(16), 2 / 16, 0)
+    assert out.distill.sum() == 2 and set(torch.nonzero(out.distill).flatten().tolist()) <= {2, 5, 11}
+    assert gap[out.distill].min() >= gap[~out.distill].max()
+
+
+def test_negative_outscore_margin_is_refused():
+    with pytest.raises(ValueError, match="outscore_margin must be >= 0, got -1"):
+        PSDLoss(outscore_margin=-1)

@@ -15,7 +15,9 @@ from psdclip.module import PSDCLIPModule
 
 WORLD, PER_RANK = 2, 8
 RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
-DOUBT = {"subset": "doubt", "scope": "batch"}  # the default rule: D = the pairs the teacher doubts most
+DOUBT = {"subset": "doubt", "scope": "batch"}  # D = the pairs the teacher doubts most
+# the default rule: D = the pairs the teacher confidently places elsewhere (margin 0.5: a random teacher leaves some out)
+OUTSCORED = {"subset": "outscored", "scope": "batch", "outscore_margin": 0.5}
 CASES = [  # (loss settings, local_loss)
     ({"alpha_max": 0.0, "schedule": "constant"}, False),
     ({"alpha_max": 0.0, "schedule": "constant"}, True),
@@ -26,9 +28,11 @@ CASES = [  # (loss settings, local_loss)
     (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), False),
     (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), True),
     (dict(alpha_max=0.5, schedule="constant", teacher="self", **DOUBT), True),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **OUTSCORED), False),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **OUTSCORED), True),
 ]
 IDS = ["clip", "clip-local", "psd-self", "psd-self-local", "psd-ema", "psd-ema-local", "doubt-ema", "doubt-ema-local",
-       "doubt-self-truncation-local"]
+       "doubt-self-truncation-local", "outscored-ema", "outscored-ema-local"]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +123,9 @@ def test_ddp_step_equals_single_process(ddp_results, index):
         result = torch.load(ddp_results / f"case{index}-rank{rank}.pt")
         torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
         assert torch.equal(result["distill"], reference["distill"]), "D differs between the ranks and one process"
-        assert result["distill"].sum() == (WORLD * PER_RANK) // 2 or loss_kwargs["alpha_max"] == 0
+        full = (WORLD * PER_RANK) // 2  # alpha · N; outscored takes only the pairs past its margin, at least one here
+        assert loss_kwargs["alpha_max"] == 0 or result["distill"].sum() == full or (
+            loss_kwargs.get("subset") == "outscored" and 0 < result["distill"].sum() <= full)
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             assert grad.abs().max() > 0 or name == "logit_scale", f"{name}: zero gradient, the test cannot tell"
