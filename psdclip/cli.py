@@ -33,6 +33,7 @@ SETTINGS: dict[str, tuple[Callable, str]] = {
                     "two coefficients in [0, 1), e.g. optim.betas=[0.9,0.98]"),
     "optim.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "a whole number of steps >= 0, e.g. optim.warmup_steps=100"),
     "optim.min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a ratio in [0, 1], e.g. optim.min_lr_ratio=0"),
+    "optim.micro_batches": (lambda v: isinstance(v, int) and v >= 1, "1 (the whole batch at once) or more pieces, e.g. optim.micro_batches=4"),
     "data.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. data.batch_size=256"),
     "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "0 (load in the main process) or more workers, e.g. data.num_workers=4"),
     "evaluation.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. evaluation.batch_size=256"),
@@ -53,6 +54,29 @@ def check_settings(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ValueError(f"{key}={plain} cannot work: give {expected}")
+    check_micro_batches(cfg)
+
+
+def check_micro_batches(cfg: DictConfig) -> None:
+    """Refuse what cannot go with ``optim.micro_batches`` > 1, whose steps the module optimises by hand."""
+    pieces = OmegaConf.select(cfg, "optim.micro_batches", default=1)
+    if pieces == 1:
+        return
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+    if accumulate != 1:
+        raise ValueError(
+            f"optim.micro_batches={pieces} and trainer.accumulate_grad_batches={accumulate} cannot be combined: "
+            "micro_batches computes one contrastive batch of data.batch_size pairs in pieces (negatives span the whole "
+            "batch), accumulate_grad_batches averages the gradients of separate batches (negatives do not span them); "
+            "keep one, e.g. a 4x larger data.batch_size with optim.micro_batches=4 and trainer.accumulate_grad_batches=1"
+        )
+    if OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None):
+        raise ValueError(f"optim.micro_batches={pieces} does not support gradient clipping (Lightning clips only "
+                         "steps it optimises itself): set trainer.gradient_clip_val=null or optim.micro_batches=1")
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if isinstance(batch_size, int) and batch_size < pieces:
+        raise ValueError(f"optim.micro_batches={pieces} cannot split data.batch_size={batch_size} pairs: give at most "
+                         f"data.batch_size pieces, e.g. optim.micro_batches={max(batch_size // 4, 1)}")
 
 
 def quoted_fix(override: str) -> str:

@@ -239,10 +239,12 @@ class PSDLoss(nn.Module):
         """
         scale = at_least_fp32(logit_scale if grad else logit_scale.detach())
         all_image, all_text = at_least_fp32(gather(image, grad)), at_least_fp32(gather(text, grad))
-        if self.local_loss:
-            labels = torch.arange(len(image), device=image.device) + rank_and_world()[0] * len(image)
-            return scale * at_least_fp32(image) @ all_text.T, scale * at_least_fp32(text) @ all_image.T, labels
-        per_image = scale * all_image @ all_text.T
+        # autocast would run the matmuls in bf16/fp16 again: logits up to 100 would keep ~2 significant digits
+        with torch.autocast(image.device.type, enabled=False):
+            if self.local_loss:
+                labels = torch.arange(len(image), device=image.device) + rank_and_world()[0] * len(image)
+                return scale * at_least_fp32(image) @ all_text.T, scale * at_least_fp32(text) @ all_image.T, labels
+            per_image = scale * all_image @ all_text.T
         return per_image, per_image.T, torch.arange(len(all_image), device=image.device)
 
     def from_logits(
@@ -268,7 +270,7 @@ class PSDLoss(nn.Module):
             "loss": mean_over_ranks(loss.detach()) if self.local_loss else loss.detach(),
             "loss_hard": _mean_pair(image.per_row[~rows], text.per_row[~rows]),
             "loss_soft": _mean_pair(image.per_row[rows], text.per_row[rows]),
-            "alpha": torch.tensor(alpha),
+            "alpha": loss.new_full((), alpha),  # on the loss's device: no host-to-device copy
             "distill_count": distill.sum(),
             "soft_target_entropy": _mean_pair(image.entropy, text.entropy),
             "soft_target_diagonal": _mean_pair(image.diagonal, text.diagonal),
@@ -281,7 +283,9 @@ class PSDLoss(nn.Module):
                       step: int) -> Tensor:
         """D over the global batch, the same on every rank."""
         count = math.floor(alpha * batch_size)
-        if self.subset == "random" or count == 0:
+        if count == 0:  # CLIP, the ramp's start: made on the device, not on the host and copied every step
+            return torch.zeros(batch_size, dtype=torch.bool, device=labels.device)
+        if self.subset == "random":
             return self.distill_mask(batch_size, alpha, step).to(labels.device)
         score = self.doubt(teacher_image, teacher_text, labels)
         # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
@@ -296,9 +300,9 @@ class PSDLoss(nn.Module):
 
     def most_doubted(self, score: Tensor, count: int) -> Tensor:
         """Bool mask of the (at most) ``count`` most doubted pairs; ``outscored`` takes only pairs above the margin."""
-        if self.subset == "outscored":
-            count = min(count, int((score > self.outscore_margin).sum()))
-        return most_doubted(-score, count)
+        mask = most_doubted(-score, count)
+        # the largest gaps first, so this keeps min(count, pairs past the margin) of them, with no host sync
+        return mask & (score > self.outscore_margin) if self.subset == "outscored" else mask
 
     def targets(self, output: PSDOutput) -> Tensor:
         """The image→text targets the loss used for this rank's rows: (rows, N), one-hot outside D."""

@@ -1,15 +1,18 @@
 """The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; AdamW with warm-up + cosine."""
 
+import contextlib
 import math
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
-from psdclip.loss import PSDLoss
+from psdclip.loss import PSDLoss, PSDOutput
 from psdclip.models import CLIPBundle
 
 MAX_LOGIT_SCALE = math.log(100.0)
+FEATURE_KEYS = ("image_features", "text_features", "logit_scale")  # what the loss reads of open_clip's output dict
 NOISE_DIAGNOSTICS = ("batch_noise", "distill_precision", "distill_recall")
 
 
@@ -21,6 +24,9 @@ class PSDCLIPModule(L.LightningModule):
         loss: the PSD (or, with alpha_max=0, plain CLIP) loss; it says whether an EMA teacher is kept.
         lr, weight_decay, betas, eps: AdamW; no decay on gains, biases, norms, scalars and ``logit_scale``.
         warmup_steps: linear warm-up before the cosine decay to ``min_lr_ratio * lr`` at the last step.
+        micro_batches: compute each batch in this many pieces with the same loss and gradients as the whole batch
+            (the loss, D and the teacher's targets span the whole batch), for ~1/K of the activation memory at the
+            cost of one extra no-grad forward pass (see ``step_in_micro_batches``).
     """
 
     flops_per_batch = None  # read by ThroughputMonitor; FLOPs are not counted, samples/s are
@@ -35,13 +41,18 @@ class PSDCLIPModule(L.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
+        micro_batches: int = 1,
     ):
         super().__init__()
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.save_hyperparameters(ignore=["clip", "loss"])
         self.hparams["model_name"] = clip.name
         self.model, self.loss = clip.model, loss
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
         self.teacher = loss.make_teacher(self.model)
+        # micro-batches need a backward pass per piece inside the step, which Lightning allows only when optimising by hand
+        self.automatic_optimization = micro_batches == 1
 
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images, normalize=True)
@@ -52,10 +63,13 @@ class PSDCLIPModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict:
         """``batch``: images, tokens and optionally the data's noise marks (diagnostics only)."""
         images, texts, *marks = batch
-        outputs = self.model(images, texts)
-        teacher = self.teacher(images, texts) if self.teacher is not None else None
-        result = self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], self.global_step,
-                           self.trainer.estimated_stepping_batches, teacher, marks[0] if marks else None)
+        noise_marks = marks[0] if marks else None
+        if self.automatic_optimization:
+            outputs = self.model(images, texts)
+            teacher = self.teacher(images, texts) if self.teacher is not None else None
+            result = self.psd_loss(outputs, teacher, noise_marks)
+        else:
+            result = self.step_in_micro_batches(images, texts, noise_marks)
         stats = {**result.stats, "logit_scale": self.model.logit_scale.detach().exp()}
         for name, value in stats.items():
             # how well D catches wrong captions is noisy per step: its epoch mean (train/<name>_epoch) is the figure
@@ -64,8 +78,62 @@ class PSDCLIPModule(L.LightningModule):
         # the step's own loss output travels to callbacks (the media callback draws the targets it used)
         return {"loss": result.loss, "psd": result}
 
+    def psd_loss(self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None,
+                 noise_marks: Tensor | None) -> PSDOutput:
+        """The loss of the whole batch from the student's (and the teacher's) open_clip output dicts."""
+        return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], self.global_step,
+                         self.trainer.estimated_stepping_batches, teacher, noise_marks)
+
+    def step_in_micro_batches(self, images: Tensor, texts: Tensor, noise_marks: Tensor | None) -> PSDOutput:
+        """One optimiser step on the batch, computed in ``micro_batches`` pieces (gradient caching, as open_clip's
+        ``--accum-freq``, with the loss computed once).
+
+        1. Encode every piece without gradients (and the teacher's) and compute the loss of the whole batch on these
+           features: every pair is a negative of every other, D and the teacher's targets are the whole batch's.
+        2. Take the loss's gradient with respect to the features and the temperature only (no weights yet).
+        3. Encode each piece again with gradients and back-propagate its features' share of that gradient: the
+           sum over the pieces is the whole batch's gradient by the chain rule, with one piece's activations alive.
+        Exact when the forward pass is deterministic (no dropout), as open_clip's accumulation is.
+        """
+        pieces = [piece for piece in zip(images.tensor_split(self.hparams.micro_batches),
+                                         texts.tensor_split(self.hparams.micro_batches)) if len(piece[0])]
+        with torch.no_grad():
+            cached = concat_outputs([self.model(*piece) for piece in pieces])
+            teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher is not None else None
+        leaves = {name: cached[name].detach().requires_grad_() for name in FEATURE_KEYS}
+        result = self.psd_loss(leaves, teacher, noise_marks)
+        grads = dict(zip(FEATURE_KEYS, torch.autograd.grad(result.loss, list(leaves.values())), strict=True))
+        sizes = [len(piece[0]) for piece in pieces]
+        shares = {name: grads[name].split(sizes) for name in ("image_features", "text_features")}
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            # DDP all-reduces once, in the last backward pass, which therefore reaches every weight (logit_scale too)
+            with contextlib.nullcontext() if last else self.gradients_unsynchronised():
+                outputs = self.model(*piece)
+                # the surrogate's gradient with respect to this piece's features is their share of the loss's gradient
+                surrogate = sum((outputs[name] * shares[name][index]).sum() for name in shares)
+                if last:
+                    surrogate = surrogate + (outputs["logit_scale"] * grads["logit_scale"]).sum()
+                self.manual_backward(surrogate)
+        optimizer.step()
+        self.lr_schedulers().step()
+        self.after_optimizer_step()
+        return result
+
+    def gradients_unsynchronised(self) -> contextlib.AbstractContextManager:
+        """No gradient all-reduce in the backward passes within (DDP), nothing to do on one device."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Clamp the temperature and move the EMA teacher towards the stepped weights."""
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         # a step skipped for a non-finite loss (psdclip.nonfinite) leaves no gradients: the teacher waits too
@@ -103,3 +171,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 def pairs_in_batch(batch: tuple[Tensor, Tensor]) -> int:
     """Image–caption pairs in a batch (for Lightning's ThroughputMonitor)."""
     return len(batch[0])
+
+
+def concat_outputs(outputs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """open_clip output dicts of consecutive pieces of a batch as one: features concatenated, the scale kept once."""
+    return {
+        "image_features": torch.cat([out["image_features"] for out in outputs]),
+        "text_features": torch.cat([out["text_features"] for out in outputs]),
+        "logit_scale": outputs[0]["logit_scale"],
+    }

@@ -3,89 +3,44 @@
 import os
 import socket
 
-import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
-from psdclip.loss import PSDLoss
-from psdclip.models import create_clip
-from psdclip.module import PSDCLIPModule
+from tests.helpers.one_step import global_batch as batch_of
+from tests.helpers.one_step import make_module, one_step
 
 WORLD, PER_RANK = 2, 8
 RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
 DOUBT = {"subset": "doubt", "scope": "batch"}  # D = the pairs the teacher doubts most
+EMA_DOUBT = dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT)
 # the default rule: D = the pairs the teacher confidently places elsewhere (margin 0.5: a random teacher leaves some out)
-OUTSCORED = {"subset": "outscored", "scope": "batch", "outscore_margin": 0.5}
-CASES = [  # (loss settings, local_loss)
-    ({"alpha_max": 0.0, "schedule": "constant"}, False),
-    ({"alpha_max": 0.0, "schedule": "constant"}, True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="self", **DOUBT), True),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **OUTSCORED), False),
-    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **OUTSCORED), True),
+EMA_OUTSCORED = dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, subset="outscored", scope="batch",
+                     outscore_margin=0.5)
+CASES = [  # (loss settings, local_loss, micro_batches per rank)
+    ({"alpha_max": 0.0, "schedule": "constant"}, False, 1),
+    ({"alpha_max": 0.0, "schedule": "constant"}, True, 1),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), False, 1),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **RANDOM), True, 1),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), False, 1),
+    (dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **RANDOM), True, 1),
+    (EMA_DOUBT, False, 1),
+    (EMA_DOUBT, True, 1),
+    (dict(alpha_max=0.5, schedule="constant", teacher="self", **DOUBT), True, 1),
+    (EMA_OUTSCORED, False, 1),
+    (EMA_OUTSCORED, True, 1),
+    # each rank computes its share in pieces; the reference is one process on the whole batch at once
+    (EMA_OUTSCORED, False, 2),
+    (EMA_OUTSCORED, True, 2),
 ]
 IDS = ["clip", "clip-local", "psd-self", "psd-self-local", "psd-ema", "psd-ema-local", "doubt-ema", "doubt-ema-local",
-       "doubt-self-truncation-local", "outscored-ema", "outscored-ema-local"]
+       "doubt-self-truncation-local", "outscored-ema", "outscored-ema-local", "outscored-ema-micro-batches",
+       "outscored-ema-local-micro-batches"]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(WORLD * PER_RANK, 3, 28, 28, generator=generator)
-    texts = torch.randint(1, 49407, (WORLD * PER_RANK, 16), generator=generator)
-    return images, texts
-
-
-def make_module(loss_kwargs: dict, local_loss: bool) -> PSDCLIPModule:
-    torch.manual_seed(0)
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(**loss_kwargs, local_loss=local_loss),
-                           lr=1e-3, warmup_steps=1, eps=1e-4)
-    if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
-        generator = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for param in module.teacher.average.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return module
-
-
-class Capture(L.Callback):
-    """Gradients as the optimiser sees them (after DDP's all-reduce) and the logged loss."""
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads = {name: p.grad.clone() for name, p in pl_module.model.named_parameters()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.loss = trainer.callback_metrics["train/loss"].clone()
-        self.distill = outputs["psd"].distill.cpu().clone()
-
-
-class OneBatch:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        yield self.batch
-
-    def __len__(self) -> int:
-        return 1
-
-
-def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
-    capture = Capture()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture],
-                        use_distributed_sampler=False, **trainer_kwargs)
-    trainer.fit(module, train_dataloaders=OneBatch(batch))
-    teacher = module.teacher.average.module if module.teacher is not None else None
-    return {"loss": capture.loss, "grads": capture.grads, "distill": capture.distill,
-            "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
-            "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {}}
+    return batch_of(WORLD * PER_RANK)
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -94,8 +49,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     images, texts = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    for index, (loss_kwargs, local_loss) in enumerate(CASES):
-        result = one_step(make_module(loss_kwargs, local_loss), (images[rows], texts[rows]),
+    for index, (loss_kwargs, local_loss, micro_batches) in enumerate(CASES):
+        result = one_step(make_module(loss_kwargs, local_loss, micro_batches), (images[rows], texts[rows]),
                           devices=WORLD, strategy=DDPStrategy(process_group_backend="gloo"))
         torch.save(result, os.path.join(out_dir, f"case{index}-rank{rank}.pt"))
 
@@ -116,7 +71,7 @@ def ddp_results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_ddp_step_equals_single_process(ddp_results, index):
-    loss_kwargs, local_loss = CASES[index]
+    loss_kwargs, local_loss, _ = CASES[index]
     torch.set_num_threads(1)
     reference = one_step(make_module(loss_kwargs, local_loss), global_batch(), devices=1)
     for rank in range(WORLD):

@@ -1,0 +1,62 @@
+"""One optimiser step of the tiny model on one batch, with what it computed: the logged loss, D, the gradients the
+optimiser saw, and the weights and EMA teacher after the step. The DDP and micro-batch tests compare such steps."""
+
+import lightning as L
+import torch
+
+from psdclip.loss import PSDLoss
+from psdclip.models import create_clip
+from psdclip.module import PSDCLIPModule
+
+
+def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, 28, 28, generator=generator)
+    texts = torch.randint(1, 49407, (size, 16), generator=generator)
+    return images, texts
+
+
+def make_module(loss_kwargs: dict, local_loss: bool = False, micro_batches: int = 1) -> PSDCLIPModule:
+    torch.manual_seed(0)
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(**loss_kwargs, local_loss=local_loss),
+                           lr=1e-3, warmup_steps=1, eps=1e-4, micro_batches=micro_batches)
+    if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for param in module.teacher.average.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return module
+
+
+class Capture(L.Callback):
+    """Gradients as the optimiser sees them (after DDP's all-reduce) and the logged loss."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {name: p.grad.clone() for name, p in pl_module.model.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = trainer.callback_metrics["train/loss"].clone()
+        self.distill = outputs["psd"].distill.cpu().clone()
+
+
+class OneBatch:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        yield self.batch
+
+    def __len__(self) -> int:
+        return 1
+
+
+def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
+    capture = Capture()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture],
+                        use_distributed_sampler=False, **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=OneBatch(batch))
+    teacher = module.teacher.average.module if module.teacher is not None else None
+    return {"loss": capture.loss, "grads": capture.grads, "distill": capture.distill,
+            "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+            "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {}}
