@@ -3,7 +3,7 @@
 writes again the ones it needs.
 
 The cache folder is ``paths.cache_dir`` of ``conf/paths/default.yaml`` (``PSDCLIP_CACHE``, else
-``~/.cache/psdclip``), or ``--cache-dir``. Only what psdclip writes there (``fashion_mnist/``) is touched.
+``~/.cache/psdclip``), or ``--cache-dir``. Only what psdclip writes there (``fashion_mnist/``, ``fashion_mosaic/``) is touched.
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PATHS_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "paths" / "default.yaml"
-CACHED = ("fashion_mnist",)  # the folders psdclip.data.embedded writes under the cache folder
+CACHED = ("fashion_mnist", "fashion_mosaic")  # the folders psdclip.data.embedded and .mosaic write there
 
 
 def default_cache_dir() -> Path:

@@ -1,13 +1,16 @@
 """The noisy-caption study: CLIP and PSD trained on the embedded data at several caption-noise levels, kinds and seeds.
 
-    python -m psdclip.study [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3] [first_seed=0] [methods=clip,psd]
-        [split=test] [metrics=PATTERNS] [out=DIR] [--quick] [any train.py override, e.g. trainer.max_epochs=2]
+    python -m psdclip.study [data=embedded|embedded_mosaic] [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3]
+        [first_seed=0] [methods=clip,psd] [split=test] [metrics=PATTERNS] [out=DIR] [--quick]
+        [any train.py override, e.g. trainer.max_epochs=2]
 
 Runs ``train.py -m experiment=noisy_captions loss=… data.noise=… data.noise_kind=… seed=…`` (Hydra multiruns, jobs
 in sequence; clean data once, not once per kind), then writes into the study folder ``study.csv`` (every run),
 ``study.md`` (mean ± std over seeds: kind × noise × method, with PSD − CLIP) and ``study.png`` (each metric against
-noise, one panel per kind, one line per method). Besides the final metrics it reports each run's best zero-shot over
+noise, one panel per kind, one line per method). Besides the final metrics it reports each run's best value over
 its learning curve (the experiment evaluates every few epochs), so memorisation of wrong captions shows as the gap.
+``data=embedded_mosaic`` runs the same on the mosaics (``experiment=noisy_captions_mosaic``), with retrieval as
+the headline metric and the learning curve, and the noise kinds partial and swap by default.
 
 Choose settings with ``split=val`` (held-out training images) and other seeds (``first_seed=100``); report with
 ``split=test`` and the seeds 0, 1, 2.
@@ -18,6 +21,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -31,23 +35,43 @@ import matplotlib.pyplot as plt
 log = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-# the headline metric of each task by default; metrics='eval/*' tabulates everything the runs measured
-HEADLINE_METRICS = ("eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,"
-                    "train/distill_precision_epoch,train/distill_recall_epoch")
-STUDY_KEYS = {"noise": "0,0.2,0.4,0.6", "kinds": "flip,swap", "seeds": "3", "first_seed": "0", "methods": "clip,psd",
-              "split": "test", "metrics": HEADLINE_METRICS, "out": None}
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """What the study runs on one training data option: its recipe, the evaluation set whose split it chooses, the
+    metric of the learning curve, and the defaults of ``kinds=`` and ``metrics=`` (metrics='eval/*' tabulates
+    everything the runs measured)."""
+
+    experiment: str
+    eval_set: str
+    curve_metric: str
+    kinds: str
+    metrics: str
+
+
+DIAGNOSTICS = "train/distill_precision_epoch,train/distill_recall_epoch"
+STUDY_DATA = {
+    # each task's headline metric
+    "embedded": StudyData("noisy_captions", "fashion_mnist", "eval/fashion_mnist_val/zeroshot_top1", "flip,swap",
+                          f"eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,{DIAGNOSTICS}"),
+    # retrieval first: on mosaics it is instance-level, the task the mosaics exist for
+    "embedded_mosaic": StudyData("noisy_captions_mosaic", "fashion_mosaic", "eval/fashion_mosaic_val/retrieval_mean_recall",
+                                 "partial,swap", f"eval/*/retrieval_mean_recall,eval/*/retrieval_r1,eval/*/zeroshot_top1,{DIAGNOSTICS}"),
+}
+STUDY_KEYS = {"data": "embedded", "noise": "0,0.2,0.4,0.6", "kinds": None, "seeds": "3", "first_seed": "0",
+              "methods": "clip,psd", "split": "test", "metrics": None, "out": None}
 # a few steps on tiny batches: checks the whole pipeline in seconds (tests, smoke runs)
 QUICK = ["trainer.max_epochs=1", "trainer.max_steps=3", "data.batch_size=32", "data.num_workers=0", "optim.warmup_steps=1",
          "data.train_size=null", "callbacks.learning_curve.every_n_epochs=1", "callbacks.throughput.window_size=2"]
-CURVE_METRIC = "eval/fashion_mnist_val/zeroshot_top1"  # the learning curve (conf/experiment/noisy_captions.yaml)
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
     """Split ``key=value`` arguments into the study's settings and the overrides passed on to train.py."""
     parser = argparse.ArgumentParser(prog="python -m psdclip.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
-    parser.add_argument("settings", nargs="*", help="noise=…, kinds=…, seeds=N, first_seed=S, methods=…, split=test|val, "
-                        "metrics=…, out=DIR, and train.py overrides")
+    parser.add_argument("settings", nargs="*", help="data=…, noise=…, kinds=…, seeds=N, first_seed=S, methods=…, "
+                        "split=test|val, metrics=…, out=DIR, and train.py overrides")
     args = parser.parse_args(argv)
     settings, overrides = dict(STUDY_KEYS), []
     for item in args.settings:
@@ -63,6 +87,11 @@ def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
             parser.error(f"{key} must be a {'positive ' if key == 'seeds' else ''}whole number, got {settings[key]!r}")
     if settings["split"] not in ("test", "val"):
         parser.error(f"split must be test or val, got {settings['split']!r}")
+    if settings["data"] not in STUDY_DATA:
+        parser.error(f"data must be one of {', '.join(STUDY_DATA)}, got {settings['data']!r}")
+    data = STUDY_DATA[settings["data"]]
+    settings["kinds"] = settings["kinds"] or data.kinds
+    settings["metrics"] = settings["metrics"] or data.metrics
     return settings, overrides, args.quick
 
 
@@ -72,8 +101,9 @@ def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path)
     seeds = ",".join(str(seed) for seed in range(first, first + int(settings["seeds"])))
     levels = [level for level in settings["noise"].split(",") if level.strip()]
     clean, noisy = [lv for lv in levels if float(lv) == 0], [lv for lv in levels if float(lv) != 0]
-    base = [sys.executable, str(TRAIN_SCRIPT), "-m", "experiment=noisy_captions", f"loss={settings['methods']}", f"seed={seeds}",
-            f"evaluation.datasets.fashion_mnist.split={settings['split']}", *(QUICK if quick else []), *overrides]
+    data = STUDY_DATA[settings["data"]]
+    base = [sys.executable, str(TRAIN_SCRIPT), "-m", f"experiment={data.experiment}", f"loss={settings['methods']}", f"seed={seeds}",
+            f"evaluation.datasets.{data.eval_set}.split={settings['split']}", *(QUICK if quick else []), *overrides]
     runs = []
     if clean:
         runs.append([*base, "data.noise=0", "data.noise_kind=flip", f"hydra.sweep.dir={study_dir / 'clean'}"])
@@ -89,7 +119,7 @@ def best_on_curve(job_dir: Path, metric: str) -> float | None:
     return float(max(values)) if values else None
 
 
-def runs_table(study_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+def runs_table(study_dir: Path, patterns: list[str], curve_metric: str) -> tuple[pd.DataFrame, list[str]]:
     jobs = []
     for sweep in sorted(folder for folder in study_dir.iterdir() if folder.is_dir() and list(folder.glob("*/.hydra"))):
         try:
@@ -107,11 +137,11 @@ def runs_table(study_dir: Path, patterns: list[str]) -> tuple[pd.DataFrame, list
         row = {"method": job.overrides.get("loss", job.summary["method"]), "kind": job.summary.get("noise_kind") if noise else "clean",
                "noise": noise, "seed": job.overrides.get("seed"), **{metric: job.metrics.get(metric) for metric in metrics}}
         for metric in metrics:
-            if metric.endswith(CURVE_METRIC):
+            if metric.endswith(curve_metric):
                 row[f"{metric}_best"] = best_on_curve(job.directory, metric)
         rows.append({**row, "wall_time_s": job.summary.get("wall_time_s")})
     frame = pd.DataFrame(rows)
-    return frame, [*metrics, *[f"{m}_best" for m in metrics if m.endswith(CURVE_METRIC)]]
+    return frame, [*metrics, *[f"{m}_best" for m in metrics if m.endswith(curve_metric)]]
 
 
 def aggregate(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -159,8 +189,8 @@ def plot(runs: pd.DataFrame, metrics: list[str], path: Path) -> None:
     plt.close(figure)
 
 
-def summarise(study_dir: Path, patterns: list[str]) -> dict[str, Path]:
-    runs, metrics = runs_table(study_dir, patterns)
+def summarise(study_dir: Path, patterns: list[str], curve_metric: str) -> dict[str, Path]:
+    runs, metrics = runs_table(study_dir, patterns, curve_metric)
     paths = {"runs": study_dir / "study.csv", "table": study_dir / "study.md", "plot": study_dir / "study.png"}
     runs.to_csv(paths["runs"], index=False)
     table = markdown(aggregate(runs, metrics))
@@ -179,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
     log.info("study trainings took %.1f min", (time.perf_counter() - started) / 60)
-    for kind, path in summarise(study_dir, settings["metrics"].split(",")).items():
+    curve_metric = STUDY_DATA[settings["data"]].curve_metric
+    for kind, path in summarise(study_dir, settings["metrics"].split(","), curve_metric).items():
         print(f"{kind}: {path}")
 
 

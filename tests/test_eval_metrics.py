@@ -105,3 +105,50 @@ def test_effective_robustness_by_hand():
     assert result["baseline_prediction"] == pytest.approx(0.54434, abs=1e-5)
     assert result["effective_robustness"] == pytest.approx(0.6 - 0.54434, abs=1e-5)
     assert effective_robustness(0.7, {"a": 0.6}, None, None) == {"shifted_average": 0.6}
+
+
+def test_text_to_image_gallery_is_the_captioned_images_only():
+    e0, e1, e2 = torch.eye(3)
+    images = torch.stack([e0, F.normalize(e0 + e1, dim=0), e2])  # image 1 has no caption
+    texts = torch.stack([F.normalize(e0 + e1, dim=0), e2])  # captions of images 0 and 2
+    metrics = retrieval_metrics(images, texts, torch.tensor([0, 2]), ks=(1,))
+    # t0 scores 1 with the uncaptioned image 1 and 0.71 with its own image 0: with image 1 in the gallery it would
+    # rank its image second (R@1 = 1/2); CLIP_benchmark's gallery, the captioned images, leaves image 1 out
+    assert metrics["t2i_r1"] == 1.0
+    assert metrics["i2t_r1"] == 1.0
+
+
+class FeatureLookup:
+    """A 'model' for CLIP_benchmark whose images are feature rows and whose texts name their feature row."""
+
+    def __init__(self, text_features):
+        self.text_features = text_features
+
+    def tokenizer(self, texts):
+        return torch.tensor([int(text) for text in texts])
+
+    def encode_image(self, images):
+        return images
+
+    def encode_text(self, tokens):
+        return self.text_features[tokens]
+
+
+def test_retrieval_equals_clip_benchmark_on_shared_features():
+    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval",
+                                             reason="the dev dependency clip-benchmark (pip install -e '.[dev]')")
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(60, 16, generator=generator), dim=-1)
+    captions_per_image = torch.randint(0, 4, (60,), generator=generator)  # some images have no caption
+    text_to_image = torch.repeat_interleave(torch.arange(60), captions_per_image)
+    texts = F.normalize(images[text_to_image] + 0.9 * torch.randn(len(text_to_image), 16, generator=generator), dim=-1)
+    ours = retrieval_metrics(images, texts, text_to_image, ks=(1, 5, 10))
+    # CLIP_benchmark's retrieval set holds the captioned images, each with its captions, in batches
+    captioned = torch.unique(text_to_image)
+    batches = [(images[captioned[i : i + 8]], [[str(t) for t in (text_to_image == j).nonzero().flatten().tolist()]
+                                                for j in captioned[i : i + 8].tolist()]) for i in range(0, len(captioned), 8)]
+    reference = zeroshot_retrieval.evaluate(FeatureLookup(texts), batches, FeatureLookup(texts).tokenizer, "cpu", amp=False,
+                                            recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):
+        assert ours[f"t2i_r{k}"] == pytest.approx(reference[f"image_retrieval_recall@{k}"], abs=0.002)
+        assert ours[f"i2t_r{k}"] == pytest.approx(reference[f"text_retrieval_recall@{k}"], abs=0.002)

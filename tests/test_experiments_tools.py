@@ -182,6 +182,18 @@ def test_study_runs_clean_data_once_and_noisy_data_per_kind(tmp_path):
     assert "data.noise=0.4" in noisy and "data.noise_kind=flip,swap" in noisy
 
 
+def test_study_on_mosaics_runs_their_recipe_with_retrieval_first(tmp_path):
+    from psdclip.study import commands
+
+    settings, overrides, _ = parse(["data=embedded_mosaic", "noise=0.4", "seeds=1"])
+    assert settings["kinds"] == "partial,swap" and settings["metrics"].startswith("eval/*/retrieval_mean_recall,")
+    (noisy,) = commands(settings, overrides, False, tmp_path)
+    assert "experiment=noisy_captions_mosaic" in noisy and "evaluation.datasets.fashion_mosaic.split=test" in noisy
+    assert "data.noise_kind=partial,swap" in noisy and not any(item.startswith("data=") for item in noisy)
+    with pytest.raises(SystemExit):
+        parse(["data=cc3m"])
+
+
 def test_study_aggregate_gives_mean_std_and_difference():
     runs = pd.DataFrame({"method": ["clip", "clip", "psd", "psd"], "kind": ["flip"] * 4, "noise": [0.4] * 4, "seed": [0, 1, 0, 1],
                          "m": [0.5, 0.7, 0.6, 0.8]})

@@ -1,4 +1,5 @@
 from psdclip.data.datamodule import ShardDataModule
 from psdclip.data.embedded import EmbeddedDataModule
+from psdclip.data.mosaic import MosaicDataModule
 
-__all__ = ["EmbeddedDataModule", "ShardDataModule"]
+__all__ = ["EmbeddedDataModule", "MosaicDataModule", "ShardDataModule"]

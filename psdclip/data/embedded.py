@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -100,13 +101,17 @@ class FashionMNISTShards:
     shard_size: int = 5000
     size: int | None = None  # the first ``size`` images of the split (None: all)
 
+    # what a subclass writing another dataset from the same idx files changes: its cache folder and noise kinds
+    cache_folder: ClassVar[str] = "fashion_mnist"
+    noise_kinds: ClassVar[tuple[str, ...]] = NOISE_KINDS
+
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"unknown Fashion-MNIST split {self.split!r}; choose one of {SPLITS}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"data.noise must be a fraction in [0, 1], got {self.noise}")
-        if self.noise_kind not in NOISE_KINDS:
-            raise ValueError(f"unknown data.noise_kind {self.noise_kind!r}; choose one of {NOISE_KINDS}")
+        if self.noise_kind not in self.noise_kinds:
+            raise ValueError(f"unknown data.noise_kind {self.noise_kind!r}; choose one of {self.noise_kinds}")
         if self.size is not None and self.size < 1:
             raise ValueError(f"data.train_size must be a positive number of images or null (all), got {self.size}")
         # at construction, so a run that evaluates on it fails at start-up, not after training
@@ -116,30 +121,37 @@ class FashionMNISTShards:
     def noisy(self) -> bool:
         return self.split == "train" and self.noise > 0
 
+    def cache_settings(self) -> dict:
+        """Every setting that shapes the shards; the cache folder's name carries their hash."""
+        sources = [f"{path.name}:{path.stat().st_size}" for path in self.source_files()]
+        return {"split": self.split, "noise": self.noise if self.noisy else 0.0, "noise_kind": self.noise_kind if self.noisy else None,
+                "seed": self.seed, "shard_size": self.shard_size, "rows": list(self.rows), "sources": sources,
+                "templates": CAPTION_TEMPLATES, "generic": GENERIC_CAPTIONS, "classnames": CLASSNAMES, "version": FORMAT_VERSION}
+
     @cached_property
     def directory(self) -> Path:
         noise = self.noise if self.noisy else 0.0
-        sources = [f"{path.name}:{path.stat().st_size}" for path in self.source_files()]
-        settings = {"split": self.split, "noise": noise, "noise_kind": self.noise_kind if self.noisy else None, "seed": self.seed,
-                        "shard_size": self.shard_size, "rows": list(self.rows), "sources": sources, "templates": CAPTION_TEMPLATES,
-                        "generic": GENERIC_CAPTIONS, "classnames": CLASSNAMES, "version": FORMAT_VERSION}
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(json.dumps(self.cache_settings(), sort_keys=True).encode()).hexdigest()[:10]
         kind = f"-{self.noise_kind}" if self.noisy else ""
-        return Path(self.cache_dir) / "fashion_mnist" / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
+        return Path(self.cache_dir) / self.cache_folder / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
 
     def source_files(self) -> tuple[Path, Path]:
         images, labels = IDX_FILES["test" if self.split == "test" else "train"]
         return find_idx(Path(self.source_dir), images), find_idx(Path(self.source_dir), labels)
 
     @cached_property
-    def rows(self) -> range:
-        """The split's rows of its idx file."""
+    def split_rows(self) -> range:
+        """All of the split's rows of its idx file."""
         total = idx_length(self.source_files()[1])
         held_out = math.floor(total * VAL_FRACTION) if self.split != "test" else 0
-        rows = range(total - held_out, total) if self.split == "val" else range(total - held_out)
-        if self.size is not None and self.size > len(rows):
-            raise ValueError(f"data.train_size={self.size} is more than the {len(rows)} images of the {self.split} split")
-        return rows[: self.size]
+        return range(total - held_out, total) if self.split == "val" else range(total - held_out)
+
+    @cached_property
+    def rows(self) -> range:
+        """The rows the samples are made of: the split's first ``size``."""
+        if self.size is not None and self.size > len(self.split_rows):
+            raise ValueError(f"data.train_size={self.size} is more than the {len(self.split_rows)} images of the {self.split} split")
+        return self.split_rows[: self.size]
 
     @property
     def num_samples(self) -> int:
@@ -164,7 +176,7 @@ class FashionMNISTShards:
                              "expected N×H×W images with N labels")
         if labels.max() >= len(CLASSNAMES):
             raise ValueError(f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names")
-        log.info("writing Fashion-MNIST %s shards (%d images) to %s", self.split, self.num_samples, self.directory)
+        log.info("writing %s %s shards (%d samples) to %s", self.cache_folder, self.split, self.num_samples, self.directory)
         # built in a private folder and renamed into place: concurrent writers (DDP ranks, sweep jobs) never mix,
         # and the first to finish wins
         staging = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.tmp")
@@ -226,10 +238,12 @@ class EmbeddedDataModule(ShardDataModule):
     is the regime where caption noise is memorised, as in multi-epoch web-scale training.
     """
 
+    shards_class: ClassVar[type[FashionMNISTShards]] = FashionMNISTShards
+
     def __init__(self, source_dir: str, cache_dir: str, noise: float = 0.3, noise_kind: str = "flip", train_size: int | None = None,
                  shard_size: int = 5000, seed: int = 0, **kwargs):
-        self.shards = FashionMNISTShards("train", source_dir, cache_dir, noise=noise, noise_kind=noise_kind, seed=seed,
-                                         shard_size=shard_size, size=train_size)
+        self.shards = self.shards_class("train", source_dir, cache_dir, noise=noise, noise_kind=noise_kind, seed=seed,
+                                        shard_size=shard_size, size=train_size)
         super().__init__(train_shards=self.shards.pattern, seed=seed, **kwargs)
         self.noise, self.noise_kind = noise, noise_kind
 

@@ -12,14 +12,17 @@ def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_ima
     """text→image and image→text Recall@k for every k, their mean per k, and the mean over all of them.
 
     ``text_to_image[t]`` is the index of the image caption ``t`` describes; an image may have several captions
-    (all positives for it); images without a caption are not queries. Features are L2-normalised.
+    (all positives for it). Images without a caption take no part: they are neither image queries nor in the gallery
+    that captions search, which is CLIP_benchmark's set of captioned images. Ties go to the lower index (the
+    earlier image or caption), see ``first_positive_rank``. Features are L2-normalised.
     """
     if len(text_to_image) != len(text_features):
         raise ValueError(f"{len(text_features)} captions but {len(text_to_image)} caption→image indices")
-    images, texts = image_features.float(), text_features.float()
-    text_ranks = _ranks(texts, images, lambda rows: text_to_image[rows, None] == torch.arange(len(images)))
-    queried = torch.unique(text_to_image)
-    image_ranks = _ranks(images[queried], texts, lambda rows: queried[rows, None] == text_to_image[None, :])
+    gallery = torch.unique(text_to_image)  # sorted: the captioned images in their order
+    images, texts = image_features.float()[gallery], text_features.float()
+    caption_image = torch.searchsorted(gallery, text_to_image)  # each caption's image, as a position in the gallery
+    text_ranks = _ranks(texts, images, lambda rows: caption_image[rows, None] == torch.arange(len(images)))
+    image_ranks = _ranks(images, texts, lambda rows: rows[:, None] == caption_image[None, :])
     metrics = {}
     for k in ks:
         metrics[f"t2i_r{k}"] = hit_rate(text_ranks, k)
