@@ -42,7 +42,7 @@ def test_micro_batches_take_the_whole_batch_step(loss_kwargs, micro_batches, pre
     result = one_step(make_module(loss_kwargs, micro_batches=micro_batches), batch, precision=lightning_precision)
     assert reference["grads"]["logit_scale"].dtype == getattr(torch, precision)
     if loss_kwargs is PSD_DEFAULT:
-        assert reference["distill"].sum() == BATCH // 2 and reference["teacher"]
+        assert 0 < reference["distill"].sum() <= BATCH // 2 and reference["teacher"]
     assert_same_step(result, reference, tolerance)
 
 
