@@ -177,11 +177,14 @@ def test_default_run_checkpoints_at_least_once_per_epoch():
 
 # ---- 2. SIGTERM: checkpoint, stop, non-zero exit, how to resume -----------------------------------------------------
 @pytest.mark.slow
-def test_sigterm_during_training_saves_the_current_step_and_exits_non_zero(fashion_mnist_dir, tmp_path):
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_sigterm_during_training_saves_the_current_step_and_exits_non_zero(fashion_mnist_dir, tmp_path, target):
+    """``group``: as SLURM, Kubernetes and ``timeout`` do, the signal also reaches the data workers."""
     command = train_command(
         fashion_mnist_dir,
         tmp_path / "cache",
         tmp_path / "logs",
+        f"data.num_workers={2 if target == 'group' else 0}",
         "trainer.max_steps=200",
         "callbacks.model_checkpoint.every_n_train_steps=10",
         "trainer.enable_progress_bar=true",
@@ -190,7 +193,10 @@ def test_sigterm_during_training_saves_the_current_step_and_exits_non_zero(fashi
     )
     with child(command) as run:
         run.wait_for(r"step 12/200", timeout=300)
-        run.process.send_signal(signal.SIGTERM)
+        if target == "group":
+            os.killpg(run.process.pid, signal.SIGTERM)
+        else:
+            run.process.send_signal(signal.SIGTERM)
         rc = run.finish(timeout=60)
     assert rc == SIGTERM_EXIT, run.output[-3000:]
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", run.output)[1])

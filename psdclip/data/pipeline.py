@@ -9,6 +9,7 @@ so counting needs no state shared between processes. A sample whose ``json`` say
 import itertools
 import json
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -165,13 +166,19 @@ def noise_mark(sample: dict) -> int:
     return int(corrupted) if isinstance(corrupted, bool) else -1
 
 
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """SLURM, Kubernetes and ``timeout`` send SIGTERM to the whole process group: a data worker killed by it would
+    crash the run before the main process saves its checkpoint and stops (psdclip.checkpointing)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EpochLoader(DataLoader):
     """DataLoader that tells the stream which epoch begins (``current_epoch()``, the trainer's), so shard order and
     sample shuffle follow seed + epoch also after resuming from a checkpoint and with persistent workers. Without
     ``current_epoch`` each new iteration is the next epoch."""
 
     def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int] | None = None, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
+        super().__init__(dataset, batch_size=None, worker_init_fn=leave_sigterm_to_the_main_process, **kwargs)
         self.current_epoch, self.iterations = current_epoch, 0
 
     def __iter__(self):
