@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from psdclip.data.samples import SkipWarnings
 from psdclip.data.writer import write_shards
 
 
@@ -49,12 +50,14 @@ def transform(image: Image.Image) -> torch.Tensor:
 
 
 def run_rank(stream, workers: int = 2) -> tuple[list[list[int]], np.ndarray]:
-    """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried."""
-    batches, counts = [], 0
-    for images, tokens, skipped, _ in DataLoader(stream, batch_size=None, num_workers=workers):
+    """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried (their notes
+    warned about as the DataModule does)."""
+    batches, counts, warnings = [], 0, SkipWarnings()
+    for images, tokens, skips, _ in DataLoader(stream, batch_size=None, num_workers=workers):
         assert images.shape[0] == tokens.shape[0]
         batches.append(ids_of(tokens))
-        counts = counts + skipped.numpy()
+        counts = counts + skips.counts.numpy()
+        warnings.warn(skips.notes)
     return batches, counts
 
 
