@@ -26,11 +26,12 @@ def sample(i: int, **fields) -> dict:
     return {"__key__": f"{i:09d}", "jpg": jpeg(i), "txt": f"sample {i}", **fields}
 
 
-def write_set(folder: Path, sizes: list[int], first_id: int = 0, prefix: str = "") -> list[int]:
-    """Shards of the given sizes (one write_shards call per shard so sizes may differ); returns the sample ids."""
+def write_set(folder: Path, sizes: list[int], first_id: int = 0, prefix: str = "", undecodable=()) -> list[int]:
+    """Shards of the given sizes (one write_shards call per shard so sizes may differ), the samples whose ids are in
+    ``undecodable`` with a truncated image; returns the sample ids."""
     ids, next_id = [], first_id
     for index, size in enumerate(sizes):
-        batch = [sample(next_id + k) for k in range(size)]
+        batch = [sample(i, jpg=jpeg(i)[:60]) if i in undecodable else sample(i) for i in range(next_id, next_id + size)]
         write_shards(batch, folder, prefix=f"{prefix}{index:03d}-", shard_size=size)
         ids += range(next_id, next_id + size)
         next_id += size
