@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     epochs = {"max_epochs": -1} if (cfg.trainer.get("max_steps") or -1) > 0 else {}
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers, **epochs)
     if trainer.is_global_zero:
+        announce(f"run folder: {trainer.default_root_dir}")  # where to look while it runs, not only after
         # one line instead of Lightning's table, whose FLOPs column reads 0 for models it cannot trace
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())

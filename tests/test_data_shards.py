@@ -2,19 +2,25 @@
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from psdclip.data import ShardDataModule
-from psdclip.data.pipeline import EpochLoader
+from psdclip.data.monitor import DataQualityMonitor
+from psdclip.data.pipeline import Decoded, EpochLoader, distinct_batches
 from psdclip.data.samples import COUNTERS
 from tests.helpers.shard_sets import (
     ids_of,
     jpeg,
     run_rank,
+    set_size,
     tokenizer,
     transform,
     write_bad_set,
+    write_raw_tar,
     write_set,
 )
 
@@ -160,3 +166,76 @@ def test_json_caption_field(tmp_path):
                   for i in range(8)], tmp_path, shard_size=4)
     batches, counts = run_rank(datamodule(str(tmp_path), text_key="json:caption", batch_size=4).stream(0, 1))
     assert sorted(i for batch in batches for i in batch) == list(range(8)) and counts.sum() == 0
+
+
+def test_replacements_repeat_no_sample_while_unused_ones_last(tmp_path):
+    # 72 samples, 2 ranks × 4 batches of 8 use 64: 8 unused, 2 per worker, enough for the 2 undecodable samples
+    ids = write_set(tmp_path, [8] * 9, undecodable={3, 4})
+    for epoch in (0, 1):
+        seen = Counter(i for batches in epoch_ids(datamodule(str(tmp_path)), epoch=epoch) for batch in batches for i in batch)
+        assert sum(seen.values()) == 64 and max(seen.values()) == 1 and not set(seen) & {3, 4}
+        assert set(seen) <= set(ids)
+
+
+def test_replacements_without_unused_samples_never_pile_up_or_share_a_batch(tmp_path):
+    # 64 samples, 2 ranks × 4 batches of 8: the epoch leaves nothing unused, so 6 replacements must repeat samples
+    write_set(tmp_path, [16] * 4, undecodable={0, 1, 2, 3, 20, 21})
+    for epoch in (0, 1, 2):
+        batches = [batch for ranks in epoch_ids(datamodule(str(tmp_path)), epoch=epoch) for batch in ranks]
+        assert all(len(set(batch)) == len(batch) == 8 for batch in batches)  # no sample twice in one batch
+        seen = Counter(i for batch in batches for i in batch)
+        assert sum(seen.values()) == 64 and max(seen.values()) <= 2  # a repeat at most once, not once per worker
+        assert sum(count - 1 for count in seen.values()) == 6
+
+
+def test_a_batch_defers_a_repeated_sample_to_the_next():
+    items = [Decoded(None, "", -1, ("shard", key), False) for key in "aabcad"]
+    batches = list(distinct_batches(iter(items), 3))
+    # the second "a" waits for the next batch; the third would wait again, but the items end first
+    assert [[item.key[1] for item in batch] for batch in batches] == [["a", "b", "c"], ["a", "d"]]
+
+
+def test_a_tar_shorter_than_its_size_file_counts_and_names_the_absent_samples(tmp_path, caplog):
+    write_set(tmp_path, [8, 8, 8, 5])
+    write_raw_tar(tmp_path / "004-000000.tar", {})  # what img2dataset writes when no caption decodes...
+    (tmp_path / "004-000000_stats.json").write_text(json.dumps({"successes": 3}))  # ...while its stats count 3
+    dm = datamodule(str(tmp_path))
+    assert dm.num_samples() == 32  # 4 batches of 8, nothing unused: the absent samples fall in some worker's stretch
+    _, counts = run_rank(dm.stream(0, 1))
+    counted = dict(zip(COUNTERS, counts.tolist()))
+    assert counted["sample_absent"] == 3 and counted["refilled"] == 3 and sum(counts) == 6
+    assert caplog.text.count("sample absent in shard " + str(tmp_path / "004-000000.tar")) == 1
+    assert "the tar holds 0 samples, its size file lists 3" in caplog.text
+
+
+def test_a_tar_longer_than_its_size_file_is_counted_and_named(tmp_path, caplog):
+    write_set(tmp_path, [8, 8, 8])
+    set_size(tmp_path, "001-000000.tar", 5)  # 21 listed: 3 batches of 7
+    batches, counts = run_rank(datamodule(str(tmp_path), batch_size=7).stream(0, 1))
+    assert dict(zip(COUNTERS, counts.tolist()))["shard_overfull"] == 1 and sum(counts) == 1
+    assert sorted(i for batch in batches for i in batch) == [*range(8), *range(8, 13), *range(16, 24)]
+    assert "shard overfull in shard " + str(tmp_path / "001-000000.tar") in caplog.text
+
+
+def test_each_bad_shard_is_warned_about_once_per_run_not_per_worker_and_epoch(tmp_path, caplog):
+    write_set(tmp_path, [16], undecodable={1, 12})  # one bad image in each worker's half of the shard
+    dm = datamodule(str(tmp_path), num_workers=2)
+    loader = EpochLoader(dm.stream(0, 1), current_epoch=None, num_workers=2, persistent_workers=True)
+    for _ in range(2):  # two epochs
+        for batch in loader:
+            dm.on_before_batch_transfer(batch, 0)
+    assert dm.skipped[COUNTERS.index("image_undecodable")] == 4
+    assert caplog.text.count("skipping image undecodable in shard") == 1
+
+
+def test_epoch_skip_warning_follows_every_epoch_on_one_device(caplog):
+    dm = SimpleNamespace(skipped=torch.zeros(len(COUNTERS), dtype=torch.int64))
+    trainer = SimpleNamespace(datamodule=dm, strategy=SingleDeviceStrategy(torch.device("cpu")), is_global_zero=True)
+    module, monitor = SimpleNamespace(log=lambda *args, **kwargs: None), DataQualityMonitor()
+    for epoch, bad in enumerate([2, 3, 0, 1]):
+        dm.skipped[COUNTERS.index("image_undecodable")] += bad  # the DataModule's counter grows in place
+        trainer.current_epoch = epoch
+        monitor.on_train_epoch_end(trainer, module)
+    warned = [line for line in caplog.text.splitlines() if "skipped bad data" in line]
+    assert [line.split("epoch ")[1][:1] for line in warned] == ["0", "1", "3"]
+    assert "3 image_undecodable" in warned[1] and "1 image_undecodable" in warned[2]

@@ -6,6 +6,7 @@ ends, passed or not.
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,10 +14,15 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from psdclip.callbacks.progress import RichProgress
+from psdclip.data.embedded import FashionMNISTShards
+from psdclip.eval.datasets import FashionMNISTEvalSet
+from psdclip.eval.suite import EvalSuite
 from psdclip.training import train
 from tests.conftest import compose_train
 
@@ -53,6 +59,42 @@ def tiny_run(fashion_mnist_dir, tmp_path_factory) -> tuple[Path, str]:
                 "callbacks.model_checkpoint.every_n_train_steps=1"])
     assert done.returncode == 0, done.stdout[-3000:]
     return tmp / "run", done.stdout
+
+
+# item 11: progress where there was silence
+
+
+def test_run_folder_is_printed_before_training_starts(tiny_run):
+    run_dir, output = tiny_run
+    assert f"run folder: {run_dir}" in output
+    assert output.index("run folder:") < output.index("step 1/2")
+
+
+def test_writing_the_embedded_shards_reports_progress(fashion_mnist_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), shard_size=100).ensure()
+    assert "Fashion-MNIST train shards: 320 images in" in caplog.text
+
+
+def test_evaluation_reports_each_dataset_s_features_and_the_probe_s_search(fashion_mnist_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    dataset = FashionMNISTEvalSet(str(fashion_mnist_dir), str(tmp_path), train_samples=200)
+    suite = EvalSuite({"fashion_mnist": dataset}, ["linear_probe"], batch_size=50,
+                      linear_probe={"log10_range": (-2, 2), "refinements": 1})
+    suite.run(PixelEncoder())
+    assert "fashion_mnist test features: 100 images in" in caplog.text
+    assert "fashion_mnist train features: 200 images in" in caplog.text
+    assert caplog.text.count("linear probe: C=") >= 3 and "held-out top-1" in caplog.text and "chosen from" in caplog.text
+
+
+class PixelEncoder:
+    """Images as their (normalised) pixels: enough to run the feature extraction and the linear probe."""
+
+    def eval_transform(self, image):
+        return torch.from_numpy(np.asarray(image.convert("L").resize((8, 8)), dtype=np.float32)).flatten()
+
+    def encode_image(self, images):
+        return images
 
 
 # item 13: console noise

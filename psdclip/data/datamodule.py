@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from psdclip.data.pipeline import EpochLoader, ShardStream
-from psdclip.data.samples import COUNTERS
+from psdclip.data.samples import COUNTERS, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
 
@@ -25,6 +25,7 @@ class ShardDataModule(L.LightningDataModule):
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
+    The first skip of each kind in each shard is warned about once per run, naming the shard.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class ShardDataModule(L.LightningDataModule):
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
+        self.skip_warnings = SkipWarnings()
 
     @cached_property
     def sources(self) -> list[ShardSource]:
@@ -107,9 +109,10 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Keep the skip counts the batch carries; the model gets (images, tokens, noise marks)."""
+        """Keep the skip counts the batch carries and warn about new bad shards; the model gets (images, tokens, noise marks)."""
         if len(batch) == 4:
-            images, tokens, skipped, marks = batch
-            self.skipped += skipped
+            images, tokens, skips, marks = batch
+            self.skipped += skips.counts
+            self.skip_warnings.warn(skips.notes)
             return images, tokens, marks
         return batch

@@ -23,6 +23,7 @@ from PIL import Image
 
 from psdclip.data.datamodule import ShardDataModule
 from psdclip.data.writer import encode_image, write_shards
+from psdclip.runlog import Progress
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,14 @@ class FashionMNISTShards:
         if labels.max() >= len(CLASSNAMES):
             raise ValueError(f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names")
         log.info("writing %s %s shards (%d samples) to %s", self.cache_folder, self.split, self.num_samples, self.directory)
+        progress = Progress(log, f"{self.cache_folder} {self.split} shards", self.num_samples)
         # built in a private folder and renamed into place: concurrent writers (DDP ranks, sweep jobs) never mix,
         # and the first to finish wins
         staging = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         rows = np.asarray(self.rows)
-        sizes = write_shards(self._samples(images[rows], labels[rows]), staging, prefix=f"{self.split}-", shard_size=self.shard_size)
+        samples = progress.track(self._samples(images[rows], labels[rows]))
+        sizes = write_shards(samples, staging, prefix=f"{self.split}-", shard_size=self.shard_size)
         (staging / "manifest.json").write_text(json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1))
         try:
             staging.rename(self.directory)

@@ -44,7 +44,8 @@ class DataQualityMonitor(L.Callback):
             return
         self.log_totals(pl_module, totals, at_epoch_end=True)
         epoch = totals - self.at_epoch_start
-        self.at_epoch_start = totals
+        # a copy: on one device ``totals`` is the DataModule's own counter, which grows in place
+        self.at_epoch_start = totals.clone()
         if trainer.is_global_zero and epoch.sum() > 0:
             found = ", ".join(f"{count} {name}" for name, count in zip(COUNTERS, epoch.tolist()) if count)
             log.warning("epoch %d: the data stream skipped bad data and read replacements: %s", trainer.current_epoch, found)

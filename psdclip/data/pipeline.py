@@ -1,8 +1,8 @@
-"""The training stream: shards → samples → (images, tokens, skip counts, noise marks) batches, planned per rank and worker.
+"""The training stream: shards → samples → (images, tokens, skips, noise marks) batches, planned per rank and worker.
 
 Each DataLoader worker reads its own stretch of the epoch (see ``plan``), shuffles samples through a buffer, decodes,
-preprocesses and tokenises them, and yields batches that carry the counts of what it skipped since its last batch,
-so counting needs no state shared between processes. A sample whose ``json`` says whether its caption was corrupted
+preprocesses and tokenises them, and yields batches of distinct samples that carry what it skipped since its last
+batch (``samples.Skips``: counts, and notes for the warnings), so counting needs no state shared between processes. A sample whose ``json`` says whether its caption was corrupted
 (the embedded data does) carries that mark (1 corrupted, 0 clean, -1 unknown), for the loss's diagnostics only.
 """
 
@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -20,6 +21,7 @@ from psdclip.data import plan
 from psdclip.data.samples import (
     BadSample,
     SkipCounter,
+    Skips,
     caption_of,
     ignore,
     image_keys,
@@ -31,6 +33,46 @@ from psdclip.data.sources import Shard
 
 # a stream that skips this many samples in a row is not web noise but wrong settings or unreadable data
 MAX_CONSECUTIVE_SKIPS = 10_000
+
+
+class Decoded(NamedTuple):
+    image: torch.Tensor
+    caption: str
+    mark: int  # noise mark: 1 corrupted caption, 0 clean, -1 unknown
+    key: tuple[str, str]  # (shard, sample key): what makes two samples the same
+    refill: bool  # read in place of a skipped sample
+
+
+def distinct_batches(items: Iterator[Decoded], batch_size: int) -> Iterator[list[Decoded]]:
+    """Batches of ``batch_size`` items with distinct keys, in stream order; an item whose key the batch already holds
+    waits for the next one (in contrastive learning a repeated pair is a false negative with identical content).
+    The last batch is short when the items run out."""
+    waiting: list[Decoded] = []
+    # more held back than this: the stream repeats a handful of samples (resampling a set smaller than a batch)
+    most_waiting = 16 * batch_size
+    while True:
+        batch, keys, still_waiting = [], set(), []
+        for item in waiting:
+            if len(batch) < batch_size and item.key not in keys:
+                batch.append(item)
+                keys.add(item.key)
+            else:
+                still_waiting.append(item)
+        waiting = still_waiting
+        for item in items if len(batch) < batch_size else ():
+            if item.key in keys:
+                waiting.append(item)
+                if len(waiting) > most_waiting:
+                    raise RuntimeError(f"the stream holds fewer than {batch_size} distinct samples to fill a batch; "
+                                       "lower data.batch_size or add data")
+                continue
+            batch.append(item)
+            keys.add(item.key)
+            if len(batch) == batch_size:
+                break
+        yield batch
+        if len(batch) < batch_size:
+            return
 
 
 class ShardStream(IterableDataset):
@@ -65,6 +107,8 @@ class ShardStream(IterableDataset):
         text_key: str = "txt",
     ):
         self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
+        # sizes a tar is checked against (those spread evenly from num_samples are guesses)
+        self.listed_sizes = [shard.size if shard.listed else None for shard in shards]
         upsample = upsample or [1.0] * (max(shard.source for shard in shards) + 1)
         self.weights = [shard.size * upsample[shard.source] for shard in shards]
         self.repeats = [round(upsample[shard.source]) for shard in shards]
@@ -86,7 +130,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Skips, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, counter = self.epoch.value, SkipCounter()
@@ -98,27 +142,29 @@ class ShardStream(IterableDataset):
             own, spare = self._stretches(epoch, worker, workers, quota, counter)
         if self.shuffle:
             own = wds.shuffle(self.shuffle_buffer, max(self.shuffle_buffer // 4, 1), rng=buffer_rng)(own)
-        pairs = itertools.chain(self._decode(own, counter), self._decode(spare, counter, refill=True))
-        produced = 0
-        while produced < quota:
-            batch = list(itertools.islice(pairs, self.batch_size))
+        decoded = itertools.chain(self._decode(own, counter), self._decode(spare, counter, refill=True))
+        batches = distinct_batches(decoded, self.batch_size)
+        for produced in range(0, quota, self.batch_size):
+            batch = next(batches)
             if len(batch) < self.batch_size:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker} found only {produced + len(batch)} readable samples of the "
                     f"{quota} it needs in epoch {epoch}, even reading every shard; see the warnings above")
-            produced += len(batch)
-            images, captions, marks = zip(*batch)
-            yield torch.stack(images), self.tokenizer(list(captions)), torch.from_numpy(counter.take()), torch.tensor(marks, dtype=torch.int8)
+            counter.add("refilled", "", count=sum(item.refill for item in batch))  # counted when delivered
+            images, captions, marks = (torch.stack([item.image for item in batch]), [item.caption for item in batch],
+                                       torch.tensor([item.mark for item in batch], dtype=torch.int8))
+            yield images, self.tokenizer(captions), counter.take(), marks
 
     def _stretches(self, epoch: int, worker: int, workers: int, quota: int, counter: SkipCounter):
-        """This worker's stretch of the epoch, and the positions it takes replacements from."""
+        """This worker's stretch of the epoch, and the positions it takes replacements from (``plan``)."""
         order = plan.epoch_order(self.sizes, self.repeats, self.seed, epoch, self.shuffle)
         start = plan.worker_start(self.batches, self.batch_size, self.rank, workers, worker)
         used = self.batches * self.batch_size * self.world_size
-        spare_start = plan.refill_start(self.num_samples, used, self.available, self.world_size, workers, self.rank, worker)
-        own = read_segments(self.urls, plan.segments(order, self.sizes, start, quota), counter.add)
-        # replacements: the unused positions first, then on round the whole sequence once
-        spare = read_segments(self.urls, plan.segments(order, self.sizes, spare_start, self.available), ignore)
+        ranges = plan.refill_ranges(used, self.available, (start, quota), self.world_size * workers,
+                                    self.rank * workers + worker)
+        spare_pieces = [piece for begin, length in ranges for piece in plan.segments(order, self.sizes, begin, length)]
+        own = read_segments(self.urls, self.listed_sizes, plan.segments(order, self.sizes, start, quota), counter.add)
+        spare = read_segments(self.urls, self.listed_sizes, spare_pieces, ignore)
         return own, spare
 
     def _resampled(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict]:
@@ -127,13 +173,13 @@ class ShardStream(IterableDataset):
         while empty_in_a_row < max(100, 2 * len(self.urls)):
             shard = rng.choices(range(len(self.urls)), weights=self.weights)[0]
             read = 0
-            for read, sample in enumerate(shard_samples(self.urls[shard], 0, 1 << 62, counter.add), 1):
+            for read, sample in enumerate(shard_samples(self.urls[shard], 0, 1 << 62, counter.add, self.listed_sizes[shard]), 1):
                 yield sample
             empty_in_a_row = 0 if read else empty_in_a_row + 1
         # ends the stream; __iter__ then says how few samples it found
 
-    def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False):
-        """(image tensor, caption, noise mark) triples; skips are counted by the reader that owns the sample, refills as such."""
+    def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False) -> Iterator[Decoded]:
+        """Decoded samples; skips are counted by the reader that owns the sample (a refill's owner counted it)."""
         report = ignore if refill else counter.add
         in_a_row = 0
         for sample in samples:
@@ -152,9 +198,7 @@ class ShardStream(IterableDataset):
                                        "data.image_key / data.text_key and the shards") from None
                 continue
             in_a_row = 0
-            if refill:
-                counter.add("refilled", sample["__url__"])
-            yield image, caption, noise_mark(sample)
+            yield Decoded(image, caption, noise_mark(sample), (sample["__url__"], sample["__key__"]), refill)
 
 
 def noise_mark(sample: dict) -> int:

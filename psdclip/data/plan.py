@@ -3,12 +3,16 @@
 An epoch without resampling is one sequence of sample positions: the shards in an order shuffled by (seed, epoch),
 each source's shards repeated ``upsample`` times. Of ``num_samples`` positions every rank takes
 ``K = num_samples // (world_size * batch_size)`` full batches as one contiguous stretch, which it shares among its
-workers in contiguous slices of whole batches. So every rank yields exactly K batches, no sample is read twice, and the
-``num_samples mod (world_size * batch_size)`` positions at the end are left for this epoch (they fall elsewhere in the
-next one). A worker replaces each unreadable sample with the next one from the positions no rank uses, then from
-the following worker's stretch; those replacements are counted as ``refilled``.
-"""
+workers in contiguous slices of whole batches. So every rank yields exactly K batches, no position is read twice by
+the stretches, and the ``num_samples mod (world_size * batch_size)`` positions at the end are left for this epoch
+(they fall elsewhere in the next one).
 
+A worker replaces each unreadable sample (``refilled``) from, in order: its own share of the positions no stretch
+uses, the other workers' shares, then (only when the epoch leaves too few unused positions) its own stretch again,
+then the rest of the epoch. Shares are disjoint, so replacements repeat no sample of the epoch while the worker's own
+unused share lasts; a repeated one comes from the worker's own stretch, never from one all workers share. The
+stream never puts the same sample twice in one batch (``pipeline``).
+"""
 import bisect
 import random
 from dataclasses import dataclass
@@ -67,8 +71,18 @@ def worker_start(rank_batches: int, batch_size: int, rank: int, workers: int, wo
     return batch_size * (rank * rank_batches + sum(worker_batches(rank_batches, workers, w) for w in range(worker)))
 
 
-def refill_start(num_samples: int, used: int, available: int, world_size: int, workers: int, rank: int, worker: int) -> int:
-    """Where a worker takes replacements from: its share of the positions this epoch leaves unused."""
-    workers_total = world_size * workers
-    unused = max(available - used, 0)
-    return used + (rank * workers + worker) * (unused // workers_total)
+def unused_share(used: int, available: int, slots: int, slot: int) -> tuple[int, int]:
+    """(start, length) of ``slot``'s share of the positions [used, available) that no stretch reads; the shares of
+    ``slots`` slots are disjoint and cover them all (the first ``unused % slots`` one longer)."""
+    share, extra = divmod(max(available - used, 0), slots)
+    return used + slot * share + min(slot, extra), share + (slot < extra)
+
+
+def refill_ranges(used: int, available: int, stretch: tuple[int, int], slots: int, slot: int) -> list[tuple[int, int]]:
+    """The (start, length) ranges a worker takes replacements from, in order (see the module's docstring): its unused
+    share, the rest of the unused positions, its own ``stretch`` (start, length), then every other used position."""
+    share_start, share_length = unused_share(used, available, slots, slot)
+    share_end, (own_start, own_length) = share_start + share_length, stretch
+    ranges = [(share_start, share_length), (share_end, available - share_end), (used, share_start - used),
+              (own_start, own_length), (own_start + own_length, used - own_start - own_length), (0, own_start)]
+    return [(start, length) for start, length in ranges if length > 0]

@@ -6,9 +6,11 @@ import json
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -23,6 +25,8 @@ SKIP_KINDS = (
     "shard_missing",  # named by the pattern, absent on disk (counted once, at start-up)
     "shard_unreadable",  # could not be opened or is not a tar (zero-byte files included)
     "shard_truncated",  # ended with a read error part-way
+    "sample_absent",  # listed by the shard's size file, but the tar ends before it (img2dataset's empty tars)
+    "shard_overfull",  # the tar holds more samples than its size file lists; those are never read (once per read)
     "image_missing",
     "image_undecodable",  # truncated or corrupt image bytes
     "caption_missing",  # no caption file, or no such field in the json
@@ -41,25 +45,50 @@ class BadSample(Exception):
 
 
 class SkipCounter:
-    """Counts skips by kind and warns once per (shard, kind), naming the shard."""
+    """Counts skips by kind in one DataLoader worker, and notes the first skip of each kind per shard for the main
+    process to warn about (``SkipWarnings``): workers are separate processes, so only there can a warning be given
+    once per run rather than once per worker and epoch."""
 
     def __init__(self):
         self.counts = np.zeros(len(COUNTERS), dtype=np.int64)
+        self.noted: set[tuple[str, str]] = set()
+        self.notes: list[tuple[str, str, str]] = []
+
+    def add(self, kind: str, url: str, detail: str = "", count: int = 1) -> None:
+        self.counts[COUNTERS.index(kind)] += count
+        if kind != "refilled" and (url, kind) not in self.noted:
+            self.noted.add((url, kind))
+            self.notes.append((kind, url, detail))
+
+    def take(self) -> "Skips":
+        """The counts and notes since the last call, to travel with a batch."""
+        skips = Skips(torch.from_numpy(self.counts), self.notes)
+        self.counts, self.notes = np.zeros_like(self.counts), []
+        return skips
+
+
+class Skips(NamedTuple):
+    """What a worker skipped since its previous batch: counts in ``COUNTERS`` order, and (kind, shard, detail) notes."""
+
+    counts: torch.Tensor
+    notes: list[tuple[str, str, str]]
+
+
+class SkipWarnings:
+    """Warns once per run about each (shard, kind) that workers noted, naming the shard."""
+
+    def __init__(self):
         self.warned: set[tuple[str, str]] = set()
 
-    def add(self, kind: str, url: str, detail: str = "") -> None:
-        self.counts[COUNTERS.index(kind)] += 1
-        if kind != "refilled" and (url, kind) not in self.warned:
-            self.warned.add((url, kind))
-            log.warning("skipping %s in shard %s (%s); further ones of this kind in this shard are counted only",
-                        kind.replace("_", " "), url, detail)
-
-    def take(self) -> np.ndarray:
-        counts, self.counts = self.counts, np.zeros_like(self.counts)
-        return counts
+    def warn(self, notes) -> None:
+        for kind, url, detail in notes:
+            if (url, kind) not in self.warned:
+                self.warned.add((url, kind))
+                log.warning("skipping %s in shard %s (%s); further ones of this kind in this shard are counted only",
+                            kind.replace("_", " "), url, detail)
 
 
-def ignore(kind: str, url: str, detail: str = "") -> None:
+def ignore(kind: str, url: str, detail: str = "", count: int = 1) -> None:
     """Report function for reads whose skips another worker counts already."""
 
 
@@ -73,10 +102,12 @@ def open_shard(url: str):
     return gopen.gopen(url)
 
 
-def shard_samples(url: str, skip: int, take: int, report: Callable) -> Iterator[dict]:
+def shard_samples(url: str, skip: int, take: int, report: Callable, listed: int | None = None) -> Iterator[dict]:
     """Samples ``skip`` … ``skip + take`` of a shard (files grouped by key as webdataset does); a shard that cannot
-    be opened or breaks off is reported once, by the reader whose stretch the failure falls in."""
-    position, sample = 0, None
+    be opened or breaks off is reported once, by the reader whose stretch the failure falls in. Where ``listed`` (the
+    size file's count) is given, a tar that ends cleanly before it reports each absent sample of this stretch, and one
+    that holds more reports that once, by the reader whose stretch ends at ``listed``."""
+    index, sample, end = 0, None, skip + take  # index: of the sample being read
     try:
         stream = open_shard(url)
         try:
@@ -85,11 +116,13 @@ def shard_samples(url: str, skip: int, take: int, report: Callable) -> Iterator[
                 if key is None:
                     continue
                 if sample is not None and (key != sample["__key__"] or extension.lower() in sample):
-                    if position >= skip:
-                        yield sample
-                    position += 1
-                    sample = None
-                    if position >= skip + take:
+                    finished, sample, index = sample, None, index + 1
+                    if index == listed == end:  # reported before the last yield: the consumer may stop after it
+                        report("shard_overfull", url, f"the tar holds more than the {listed} samples its size file "
+                               "lists; the rest are never read: correct the size file")
+                    if index - 1 >= skip:
+                        yield finished
+                    if index >= end:
                         return
                 if sample is None:
                     sample = {"__key__": key, "__url__": url}
@@ -97,18 +130,23 @@ def shard_samples(url: str, skip: int, take: int, report: Callable) -> Iterator[
         finally:
             stream.close()
     except (OSError, tarfile.TarError, ValueError) as exn:  # curl/pipe failures, bad tar headers, truncation
-        if skip <= position < skip + take:
-            kind = "shard_unreadable" if position == 0 and sample is None else "shard_truncated"
+        if skip <= index < end:
+            kind = "shard_unreadable" if index == 0 and sample is None else "shard_truncated"
             kind = "shard_missing" if isinstance(exn, FileNotFoundError) else kind
-            report(kind, url, f"{exn!r} after {position} samples")
+            report(kind, url, f"{exn!r} after {index} samples")
+    else:
+        held = index + (sample is not None)
+        absent = min(end, listed if listed is not None else held) - max(skip, held)
+        if absent > 0:
+            report("sample_absent", url, f"the tar holds {held} samples, its size file lists {listed}", absent)
     # the last sample, or the one being read when the shard broke off (decoding tells whether it is whole)
-    if sample is not None and skip <= position < skip + take:
+    if sample is not None and skip <= index < end:
         yield sample
 
 
-def read_segments(urls: list[str], pieces: list[Segment], report: Callable) -> Iterator[dict]:
+def read_segments(urls: list[str], sizes: list[int], pieces: list[Segment], report: Callable) -> Iterator[dict]:
     for piece in pieces:
-        yield from shard_samples(urls[piece.shard], piece.skip, piece.take, report)
+        yield from shard_samples(urls[piece.shard], piece.skip, piece.take, report, sizes[piece.shard])
 
 
 def caption_of(sample: dict, text_key: str) -> str:

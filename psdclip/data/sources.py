@@ -38,6 +38,7 @@ class Shard:
     url: str
     size: int  # samples in the shard (exact from a size file, else an even share of the source's num_samples)
     source: int  # index of its ShardSource
+    listed: bool = True  # the size comes from a size file, so a tar that disagrees is worth a warning
 
 
 def is_local(url: str) -> bool:
@@ -136,7 +137,8 @@ def resolve(sources: list[ShardSource]) -> tuple[list[Shard], list[str]]:
                         source.name, len(absent), len(absent) + len(urls), absent[0])
         missing += absent
         sizes = local_shard_sizes(urls)
-        if len(sizes) < len(urls):
+        listed = len(sizes) == len(urls)
+        if not listed:
             if source.num_samples is None:
                 unknown = next(url for url in urls if url not in sizes)
                 raise ValueError(
@@ -147,5 +149,5 @@ def resolve(sources: list[ShardSource]) -> tuple[list[Shard], list[str]]:
             sizes = {url: share + (i < extra) for i, url in enumerate(urls)}
             log.info("source %r: no size file, assuming %d samples spread evenly over %d shards",
                      source.name, source.num_samples, len(urls))
-        shards += [Shard(url, sizes[url], index) for url in urls]
+        shards += [Shard(url, sizes[url], index, listed=listed) for url in urls]
     return shards, missing

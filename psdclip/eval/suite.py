@@ -13,6 +13,7 @@ from psdclip.eval.linear_probe import linear_probe
 from psdclip.eval.retrieval import retrieval_metrics
 from psdclip.eval.robustness import effective_robustness
 from psdclip.eval.zeroshot import classification_metrics, classifier_weights
+from psdclip.runlog import Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class EvalSuite:
     def features(self, model, dataset: EvalSet, split: str, runtime: Runtime, with_captions: bool = False) -> SplitFeatures:
         started = time.perf_counter()
         batches = dataset.batches(split, model.eval_transform, self.batch_size, self.num_workers, runtime.rank, runtime.world_size)
+        if runtime.rank == 0:  # this rank's share; the others encode theirs alongside
+            name = next((key for key, value in self.datasets.items() if value is dataset), dataset.root)
+            batches = Progress(log, f"{name} {split} features").track(batches, lambda batch: len(batch[0]))
         features = split_features(model, batches, runtime, with_captions)
         self.timings["features"] = self.timings.get("features", 0.0) + time.perf_counter() - started
         if len(features.labels) == 0:

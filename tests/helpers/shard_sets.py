@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from psdclip.data.samples import SkipWarnings
 from psdclip.data.writer import write_shards
 
 
@@ -25,11 +26,12 @@ def sample(i: int, **fields) -> dict:
     return {"__key__": f"{i:09d}", "jpg": jpeg(i), "txt": f"sample {i}", **fields}
 
 
-def write_set(folder: Path, sizes: list[int], first_id: int = 0, prefix: str = "") -> list[int]:
-    """Shards of the given sizes (one write_shards call per shard so sizes may differ); returns the sample ids."""
+def write_set(folder: Path, sizes: list[int], first_id: int = 0, prefix: str = "", undecodable=()) -> list[int]:
+    """Shards of the given sizes (one write_shards call per shard so sizes may differ), the samples whose ids are in
+    ``undecodable`` with a truncated image; returns the sample ids."""
     ids, next_id = [], first_id
     for index, size in enumerate(sizes):
-        batch = [sample(next_id + k) for k in range(size)]
+        batch = [sample(i, jpg=jpeg(i)[:60]) if i in undecodable else sample(i) for i in range(next_id, next_id + size)]
         write_shards(batch, folder, prefix=f"{prefix}{index:03d}-", shard_size=size)
         ids += range(next_id, next_id + size)
         next_id += size
@@ -49,12 +51,14 @@ def transform(image: Image.Image) -> torch.Tensor:
 
 
 def run_rank(stream, workers: int = 2) -> tuple[list[list[int]], np.ndarray]:
-    """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried."""
-    batches, counts = [], 0
-    for images, tokens, skipped, _ in DataLoader(stream, batch_size=None, num_workers=workers):
+    """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried (their notes
+    warned about as the DataModule does)."""
+    batches, counts, warnings = [], 0, SkipWarnings()
+    for images, tokens, skips, _ in DataLoader(stream, batch_size=None, num_workers=workers):
         assert images.shape[0] == tokens.shape[0]
         batches.append(ids_of(tokens))
-        counts = counts + skipped.numpy()
+        counts = counts + skips.counts.numpy()
+        warnings.warn(skips.notes)
     return batches, counts
 
 
