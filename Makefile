@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install train test test-fast clean clean-cache
+.PHONY: install train lint test test-fast clean clean-cache
 
 # The one set-up command: the package with pinned dependencies, plus Fashion-MNIST where apt can install it.
 install:
@@ -14,7 +14,12 @@ install:
 train:
 	$(PYTHON) train.py
 
-test:
+# format and lint (pyproject's [tool.ruff]); `ruff format . && ruff check --fix .` repairs most findings
+lint:
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 test-fast:

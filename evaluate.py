@@ -33,9 +33,18 @@ def main(cfg: DictConfig) -> dict[str, float]:
         fabric.launch()
         encoders = load_encoders(cfg.ckpt, cfg.model.name, cfg.model.pretrained).to(fabric.device).eval()
         suite = instantiate(cfg.evaluation)
-        metrics = suite.run(encoders, Runtime(fabric.device, fabric.autocast, fabric.global_rank, fabric.world_size, fabric.all_gather))
+        metrics = suite.run(
+            encoders, Runtime(fabric.device, fabric.autocast, fabric.global_rank, fabric.world_size, fabric.all_gather)
+        )
         if fabric.is_global_zero:
-            path = write_results(results_path(cfg), metrics, model=encoders.name, ckpt=cfg.ckpt, pretrained=cfg.model.pretrained, timings_s=suite.timings)
+            path = write_results(
+                results_path(cfg),
+                metrics,
+                model=encoders.name,
+                ckpt=cfg.ckpt,
+                pretrained=cfg.model.pretrained,
+                timings_s=suite.timings,
+            )
             announce(f"\n{format_results(metrics)}\nresults: {path}")
     return metrics
 

@@ -75,15 +75,32 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         pattern = make_shards(Path(folder), args.shards, args.per_shard, args.image_size)
         total = args.shards * args.per_shard
-        ours = ShardDataModule(pattern, batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=5000,
-                               transform=transform, tokenizer=tokenizer)
-        our_loader = EpochLoader(ours.stream(), current_epoch=lambda: 0, num_workers=args.workers,
-                                 persistent_workers=True)
+        ours = ShardDataModule(
+            pattern,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            shuffle_buffer=5000,
+            transform=transform,
+            tokenizer=tokenizer,
+        )
+        our_loader = EpochLoader(
+            ours.stream(), current_epoch=lambda: 0, num_workers=args.workers, persistent_workers=True
+        )
         theirs = get_wds_dataset(
-            Namespace(train_data=pattern, val_data=None, train_num_samples=total, dataset_resampled=False,
-                      train_data_upsampling_factors=None, seed=0, batch_size=args.batch_size,
-                      workers=args.workers, world_size=1),
-            transform, is_train=True, tokenizer=tokenizer,
+            Namespace(
+                train_data=pattern,
+                val_data=None,
+                train_num_samples=total,
+                dataset_resampled=False,
+                train_data_upsampling_factors=None,
+                seed=0,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                world_size=1,
+            ),
+            transform,
+            is_train=True,
+            tokenizer=tokenizer,
         ).dataloader
         rates = {"psdclip": [], "open_clip": []}
         for round_ in range(args.rounds):
@@ -93,8 +110,10 @@ def main():
                 rates[name].append(timed(our_loader if name == "psdclip" else theirs, args.batch_size))
             print(f"round {round_ + 1}: " + "  ".join(f"{name} {rates[name][-1]:.1f}/s" for name in order), flush=True)
     ours_rate, theirs_rate = statistics.median(rates["psdclip"]), statistics.median(rates["open_clip"])
-    print(f"\n{total} JPEGs {args.image_size}px in {args.shards} shards, {args.model} train preprocessing + "
-          f"tokenizer, batch {args.batch_size}, {args.workers} workers, median of {args.rounds} rounds")
+    print(
+        f"\n{total} JPEGs {args.image_size}px in {args.shards} shards, {args.model} train preprocessing + "
+        f"tokenizer, batch {args.batch_size}, {args.workers} workers, median of {args.rounds} rounds"
+    )
     print(f"psdclip ShardDataModule        {ours_rate:8.1f} samples/s")
     print(f"open_clip get_wds_dataset      {theirs_rate:8.1f} samples/s")
     print(f"ratio psdclip / open_clip      {ours_rate / theirs_rate:8.2f}")

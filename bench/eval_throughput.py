@@ -42,10 +42,14 @@ def main() -> None:
     total, timings = min(runs, key=lambda run: run[0])
     images = dataset.splits["test"].num_samples
     features, rest = timings["features"], total - timings["features"]
-    print(f"zero-shot, psdclip-vit-tiny, {images} Fashion-MNIST test images, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"zero-shot, psdclip-vit-tiny, {images} Fashion-MNIST test images, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     print(f"  total            {total:7.2f} s   {images / total:8.0f} images/s")
     print(f"  image features   {features:7.2f} s   {images / features:8.0f} images/s (decode + transform + encode)")
-    print(f"  metrics          {rest:7.2f} s   {100 * rest / features:6.2f}% of feature time (class weights, logits, metrics)")
+    print(
+        f"  metrics          {rest:7.2f} s   {100 * rest / features:6.2f}% of feature time (class weights, logits, metrics)"
+    )
 
 
 if __name__ == "__main__":

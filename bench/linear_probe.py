@@ -56,10 +56,14 @@ def main() -> None:
         started, cpu = time.perf_counter(), time.process_time()
         metrics = linear_probe(found["train"], found["train_labels"], found["test"], found["test_labels"], 10, **SWEEP)
         runs.append((time.perf_counter() - started, time.process_time() - cpu))
-    print(f"linear probe, {len(found['train'])} train × {found['train'].shape[1]} features, {len(found['test'])} test, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"linear probe, {len(found['train'])} train × {found['train'].shape[1]} features, {len(found['test'])} test, "
+        f"{torch.get_num_threads()} threads"
+    )
     wall, cpu = min(runs)
-    print(f"  time  {wall:7.2f} s wall, {cpu:.2f} s CPU (best of {len(runs)}; CPU time is the figure to trust on a busy machine)")
+    print(
+        f"  time  {wall:7.2f} s wall, {cpu:.2f} s CPU (best of {len(runs)}; CPU time is the figure to trust on a busy machine)"
+    )
     print(f"  C     {metrics['C']:.4g}")
     print(f"  top1  {metrics['top1']:.4f}")
 

@@ -58,8 +58,9 @@ class StepClock:
         elif self.steps == self.warmup + self.measure:
             elapsed = self.now() - self.started
             memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            Path(self.result).write_text(json.dumps(
-                {"samples_per_s": self.measure * self.batch_size / elapsed, "peak_memory_gib": memory}))
+            Path(self.result).write_text(
+                json.dumps({"samples_per_s": self.measure * self.batch_size / elapsed, "peak_memory_gib": memory})
+            )
 
 
 def child(args: argparse.Namespace, trainer_args: list[str]) -> None:
@@ -101,30 +102,88 @@ def run_once(name: str, args: argparse.Namespace, pattern: str, samples: int, fo
     steps = args.warmup + args.measure
     if name == "open_clip":
         trainer_args = [
-            "--dataset-type", "webdataset", "--train-data", pattern, "--train-num-samples", str(samples),
-            "--model", MODELS[args.model], "--precision", PRECISIONS[args.precision][1],
-            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", "1",
-            "--lr", "1e-3", "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--warmup", "100",
-            "--logs", str(folder / "open_clip_logs"), "--name", f"run{time.time_ns()}", "--save-frequency", "0",
-            "--log-every-n-steps", "50", "--report-to", "", "--seed", "0",
+            "--dataset-type",
+            "webdataset",
+            "--train-data",
+            pattern,
+            "--train-num-samples",
+            str(samples),
+            "--model",
+            MODELS[args.model],
+            "--precision",
+            PRECISIONS[args.precision][1],
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--wd",
+            "0.1",
+            "--beta1",
+            "0.9",
+            "--beta2",
+            "0.98",
+            "--eps",
+            "1e-6",
+            "--warmup",
+            "100",
+            "--logs",
+            str(folder / "open_clip_logs"),
+            "--name",
+            f"run{time.time_ns()}",
+            "--save-frequency",
+            "0",
+            "--log-every-n-steps",
+            "50",
+            "--report-to",
+            "",
+            "--seed",
+            "0",
         ]
     else:
         trainer_args = [
-            "data=shards", f"data.train_shards='{pattern}'", f"data.train_num_samples={samples}",
-            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.shuffle_buffer=5000",
-            f"model={args.model}", f"trainer.precision={PRECISIONS[args.precision][0]}",
-            f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}", f"trainer.max_steps={steps}",
-            "trainer.enable_progress_bar=false", f"paths.log_dir={folder / 'psdclip_logs'}",
+            "data=shards",
+            f"data.train_shards='{pattern}'",
+            f"data.train_num_samples={samples}",
+            f"data.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}",
+            "data.shuffle_buffer=5000",
+            f"model={args.model}",
+            f"trainer.precision={PRECISIONS[args.precision][0]}",
+            f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
+            f"trainer.max_steps={steps}",
+            "trainer.enable_progress_bar=false",
+            f"paths.log_dir={folder / 'psdclip_logs'}",
             # the end-of-training evaluation and media need evaluation data and are not training speed
-            "~callbacks.evaluation", "~callbacks.media",
+            "~callbacks.evaluation",
+            "~callbacks.media",
             *PSDCLIP_VARIANTS[name],
         ]
-    command = [sys.executable, "-m", "bench.train_throughput", "--child", "psdclip" if name != "open_clip" else name,
-               "--result", str(result), "--warmup", str(args.warmup), "--measure", str(args.measure),
-               "--batch-size", str(args.batch_size), "--", *trainer_args]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.train_throughput",
+        "--child",
+        "psdclip" if name != "open_clip" else name,
+        "--result",
+        str(result),
+        "--warmup",
+        str(args.warmup),
+        "--measure",
+        str(args.measure),
+        "--batch-size",
+        str(args.batch_size),
+        "--",
+        *trainer_args,
+    ]
     finished = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True)  # failures reported below
     if finished.returncode != 0 or not result.exists():
-        raise RuntimeError(f"{name} failed (exit {finished.returncode}):\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{name} failed (exit {finished.returncode}):\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+        )
     return json.loads(result.read_text())
 
 
@@ -160,7 +219,7 @@ def main() -> None:
         # one shard more than one epoch needs, so open_clip's per-worker shard split never runs dry
         pattern = make_shards(folder / "shards", -(-samples // per_shard) + args.workers, per_shard, args.image_size)
         for round_ in range(args.rounds):
-            order = names[round_ % len(names):] + names[: round_ % len(names)]  # rotate who goes first
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate who goes first
             for name in order:
                 outcome = run_once(name, args, pattern, samples, folder)
                 rates[name].append(outcome["samples_per_s"])
@@ -173,17 +232,21 @@ def main() -> None:
         peak = next((tflops for key, tflops in BF16_PEAK_TFLOPS.items() if key in device), None)
     flops = flops_per_sample(MODELS[args.model])
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"\n{MODELS[args.model]}, {args.precision}, batch {args.batch_size}, {args.workers} workers, {device}; "
-          f"median of {args.rounds} rounds of {args.measure} steps after {args.warmup}; "
-          f"{flops / 1e9:.3f} GFLOP per training sample")
+    print(
+        f"\n{MODELS[args.model]}, {args.precision}, batch {args.batch_size}, {args.workers} workers, {device}; "
+        f"median of {args.rounds} rounds of {args.measure} steps after {args.warmup}; "
+        f"{flops / 1e9:.3f} GFLOP per training sample"
+    )
     print(f"{'run':18} {'samples/s':>10} {'MFU':>8} {'peak GiB':>9}")
     for name, rate in median.items():
         mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak else "n/a"
         gib = f"{memory[name]:.2f}" if memory.get(name) is not None else "n/a"
         print(f"{name:18} {rate:10.1f} {mfu:>8} {gib:>9}")
-    ratios = {"psdclip clip / open_clip": ("psdclip clip", "open_clip"),
-              "psd (ema) / clip": ("psdclip psd", "psdclip clip"),
-              "psd (self) / clip": ("psdclip psd self", "psdclip clip")}
+    ratios = {
+        "psdclip clip / open_clip": ("psdclip clip", "open_clip"),
+        "psd (ema) / clip": ("psdclip psd", "psdclip clip"),
+        "psd (self) / clip": ("psdclip psd self", "psdclip clip"),
+    }
     for label, (top, bottom) in ratios.items():
         if top in median and bottom in median:
             print(f"{label:26} {median[top] / median[bottom]:.3f}")

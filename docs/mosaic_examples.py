@@ -24,9 +24,7 @@ PER_KIND = 3
 
 def examples(kind: str, cache: str) -> list[dict]:
     """The first clean and the first corrupted train mosaics with noise ``kind`` at 0.5."""
-    shards = MosaicShards(
-        "train", SOURCE, cache, noise=0.5, noise_kind=kind, size=40, shard_size=40
-    )
+    shards = MosaicShards("train", SOURCE, cache, noise=0.5, noise_kind=kind, size=40, shard_size=40)
     shards.ensure()
     samples = list(
         wds.DataPipeline(
@@ -43,24 +41,16 @@ def examples(kind: str, cache: str) -> list[dict]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         rows = {kind: examples(kind, cache) for kind in ("partial", "swap")}
-    figure, axes = plt.subplots(
-        len(rows), PER_KIND, figsize=(4.2 * PER_KIND, 3.6 * len(rows))
-    )
+    figure, axes = plt.subplots(len(rows), PER_KIND, figsize=(4.2 * PER_KIND, 3.6 * len(rows)))
     for row, (kind, samples) in enumerate(rows.items()):
         for column, sample in enumerate(samples):
             axis, meta = axes[row][column], sample["json"]
             axis.imshow(sample["png"], cmap="gray", interpolation="nearest")
             axis.set_xticks([])
             axis.set_yticks([])
-            state = (
-                f"{kind} noise: wrong at {meta['wrong_positions']}"
-                if meta["corrupted"]
-                else "clean"
-            )
+            state = f"{kind} noise: wrong at {meta['wrong_positions']}" if meta["corrupted"] else "clean"
             color = "firebrick" if meta["corrupted"] else "black"
-            axis.set_title(
-                f"{state}\n{textwrap.fill(sample['txt'], 40)}", fontsize=8, color=color
-            )
+            axis.set_title(f"{state}\n{textwrap.fill(sample['txt'], 40)}", fontsize=8, color=color)
     figure.suptitle(
         "data=embedded_mosaic: four Fashion-MNIST items, a caption naming them in reading order",
         fontsize=10,

@@ -60,13 +60,24 @@ class PairStream:
         def pair(sample: dict) -> dict:
             image = next((sample[k] for k in self.image_key.split(";") if k in sample), None)
             if image is None or self.text_key not in sample:
-                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {self.image_key} or {self.text_key}")
+                raise ValueError(
+                    f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {self.image_key} or {self.text_key}"
+                )
             meta = sample.get("json")
-            return {"image": image, "caption": sample[self.text_key], "shard": sample["__url__"], "key": sample["__key__"],
-                    "meta": meta if isinstance(meta, dict) else {}}
+            return {
+                "image": image,
+                "caption": sample[self.text_key],
+                "shard": sample["__url__"],
+                "key": sample["__key__"],
+                "meta": meta if isinstance(meta, dict) else {},
+            }
 
-        stages = [wds.SimpleShardList(self.shards), wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                  wds.decode("pilrgb", handler=wds.warn_and_continue), wds.map(pair, handler=wds.warn_and_continue)]
+        stages = [
+            wds.SimpleShardList(self.shards),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.decode("pilrgb", handler=wds.warn_and_continue),
+            wds.map(pair, handler=wds.warn_and_continue),
+        ]
         if limit:
             stages.append(wds.slice(limit))
         batch = []
@@ -96,7 +107,9 @@ class Auditor:
         images = torch.stack([item["input"] for item in batch]).to(self.device)
         tokens = self.clip.tokenizer([item["caption"] for item in batch]).to(self.device)
         model = self.clip.model
-        return F.normalize(model.encode_image(images).float(), dim=-1), F.normalize(model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(model.encode_image(images).float(), dim=-1), F.normalize(
+            model.encode_text(tokens).float(), dim=-1
+        )
 
     def run(self, stream: PairStream, batch_size: int, fraction: float, limit: int | None, grid: int):
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
@@ -105,7 +118,13 @@ class Auditor:
             scores = batch_doubt(self.loss, *self.encode(batch), self.scale)
             flagged = self.loss.most_doubted(scores, math.floor(fraction * len(batch)))
             for item, score, flag in zip(batch, scores.tolist(), flagged.tolist()):
-                row = {"shard": item["shard"], "key": item["key"], "caption": item["caption"], "score": score, "flagged": flag}
+                row = {
+                    "shard": item["shard"],
+                    "key": item["key"],
+                    "caption": item["caption"],
+                    "score": score,
+                    "flagged": flag,
+                }
                 if "corrupted" in item["meta"]:
                     row["corrupted"] = bool(item["meta"]["corrupted"])
                 entry = (score, len(rows), item["image"])
@@ -126,9 +145,14 @@ def quality(frame: pd.DataFrame) -> dict[str, float]:
         truth = frame["corrupted"].astype(bool)
         hits = int((flagged & truth).sum())
         top = frame["score"].rank(ascending=False, method="first") <= truth.sum()
-        result.update(corrupted=int(truth.sum()), precision=hits / max(int(flagged.sum()), 1), recall=hits / int(truth.sum()),
-                      precision_at_corrupted_count=float((top & truth).sum() / truth.sum()),
-                      auroc=float(roc_auc_score(truth, frame["score"])), average_precision=float(average_precision_score(truth, frame["score"])))
+        result.update(
+            corrupted=int(truth.sum()),
+            precision=hits / max(int(flagged.sum()), 1),
+            recall=hits / int(truth.sum()),
+            precision_at_corrupted_count=float((top & truth).sum() / truth.sum()),
+            auroc=float(roc_auc_score(truth, frame["score"])),
+            average_precision=float(average_precision_score(truth, frame["score"])),
+        )
     return result
 
 
@@ -159,17 +183,29 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
     loss = instantiate(cfg.loss)
     if loss.subset == "random":
-        raise ValueError("loss.subset=random has no doubt score to audit with; use loss=psd (outscored) or loss.subset=doubt")
+        raise ValueError(
+            "loss.subset=random has no doubt score to audit with; use loss=psd (outscored) or loss.subset=doubt"
+        )
     auditor = Auditor(clip, loss, torch.device(cfg.device))
     frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.fraction, cfg.limit, cfg.grid)
     frame.to_csv(out_dir / "scores.csv", index=False)
     frame.head(cfg.top_k).to_csv(out_dir / "suspects.csv", index=False)
     image_grid(suspects, rows, out_dir / "suspects.png")
-    result = {"ckpt": str(cfg.ckpt), "shards": datamodule.train_shards, "subset": loss.subset, "tau": loss.tau_teacher,
-              "outscore_margin": loss.outscore_margin, "logit_scale": auditor.scale,
-              "batch_size": cfg.batch_size, "fraction": cfg.fraction, **quality(frame)}
+    result = {
+        "ckpt": str(cfg.ckpt),
+        "shards": datamodule.train_shards,
+        "subset": loss.subset,
+        "tau": loss.tau_teacher,
+        "outscore_margin": loss.outscore_margin,
+        "logit_scale": auditor.scale,
+        "batch_size": cfg.batch_size,
+        "fraction": cfg.fraction,
+        **quality(frame),
+    }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
-    figures = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards"))
+    figures = "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards")
+    )
     print(f"audit: {figures}\nwritten to {out_dir} (scores.csv, suspects.csv, suspects.png, audit.json)")
     return result
 

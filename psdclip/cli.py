@@ -29,15 +29,32 @@ SETTINGS: dict[str, tuple[Callable, str]] = {
     "optim.lr": (lambda v: is_number(v) and v > 0, "a positive learning rate, e.g. optim.lr=1e-3"),
     "optim.weight_decay": (lambda v: is_number(v) and v >= 0, "a weight decay >= 0, e.g. optim.weight_decay=0.1"),
     "optim.eps": (lambda v: is_number(v) and v > 0, "a positive epsilon, e.g. optim.eps=1e-6"),
-    "optim.betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
-                    "two coefficients in [0, 1), e.g. optim.betas=[0.9,0.98]"),
-    "optim.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "a whole number of steps >= 0, e.g. optim.warmup_steps=100"),
+    "optim.betas": (
+        lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
+        "two coefficients in [0, 1), e.g. optim.betas=[0.9,0.98]",
+    ),
+    "optim.warmup_steps": (
+        lambda v: isinstance(v, int) and v >= 0,
+        "a whole number of steps >= 0, e.g. optim.warmup_steps=100",
+    ),
     "optim.min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a ratio in [0, 1], e.g. optim.min_lr_ratio=0"),
-    "optim.micro_batches": (lambda v: isinstance(v, int) and v >= 1, "1 (the whole batch at once) or more pieces, e.g. optim.micro_batches=4"),
+    "optim.micro_batches": (
+        lambda v: isinstance(v, int) and v >= 1,
+        "1 (the whole batch at once) or more pieces, e.g. optim.micro_batches=4",
+    ),
     "data.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. data.batch_size=256"),
-    "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "0 (load in the main process) or more workers, e.g. data.num_workers=4"),
-    "evaluation.batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive whole number, e.g. evaluation.batch_size=256"),
-    "evaluation.num_workers": (lambda v: isinstance(v, int) and v >= 0, "0 or more workers, e.g. evaluation.num_workers=4"),
+    "data.num_workers": (
+        lambda v: isinstance(v, int) and v >= 0,
+        "0 (load in the main process) or more workers, e.g. data.num_workers=4",
+    ),
+    "evaluation.batch_size": (
+        lambda v: isinstance(v, int) and v > 0,
+        "a positive whole number, e.g. evaluation.batch_size=256",
+    ),
+    "evaluation.num_workers": (
+        lambda v: isinstance(v, int) and v >= 0,
+        "0 or more workers, e.g. evaluation.num_workers=4",
+    ),
 }
 
 
@@ -71,12 +88,16 @@ def check_micro_batches(cfg: DictConfig) -> None:
             "keep one, e.g. a 4x larger data.batch_size with optim.micro_batches=4 and trainer.accumulate_grad_batches=1"
         )
     if OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None):
-        raise ValueError(f"optim.micro_batches={pieces} does not support gradient clipping (Lightning clips only "
-                         "steps it optimises itself): set trainer.gradient_clip_val=null or optim.micro_batches=1")
+        raise ValueError(
+            f"optim.micro_batches={pieces} does not support gradient clipping (Lightning clips only "
+            "steps it optimises itself): set trainer.gradient_clip_val=null or optim.micro_batches=1"
+        )
     batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
     if isinstance(batch_size, int) and batch_size < pieces:
-        raise ValueError(f"optim.micro_batches={pieces} cannot split data.batch_size={batch_size} pairs: give at most "
-                         f"data.batch_size pieces, e.g. optim.micro_batches={max(batch_size // 4, 1)}")
+        raise ValueError(
+            f"optim.micro_batches={pieces} cannot split data.batch_size={batch_size} pairs: give at most "
+            f"data.batch_size pieces, e.g. optim.micro_batches={max(batch_size // 4, 1)}"
+        )
 
 
 def quoted_fix(override: str) -> str:
@@ -100,14 +121,18 @@ def check_overrides(args: list[str]) -> None:
             (override,) = parser.parse_overrides([arg])
         except OverrideParseException:
             if "{" in arg:
-                fail(f"{arg}: Hydra reads {{…}} in a value as a dictionary; quote the pattern inside the argument: {quoted_fix(arg)}")
+                fail(
+                    f"{arg}: Hydra reads {{…}} in a value as a dictionary; quote the pattern inside the argument: {quoted_fix(arg)}"
+                )
             continue  # Hydra reports other syntax errors itself
         if arg.endswith(".tar"):
             tar_values.setdefault(override.key_or_group, []).append(arg)
     for key, values in tar_values.items():
         if len(values) > 1:
-            fail(f"{key} is given {len(values)} times ({values[0]}, {values[1]}, …): the shell expanded a brace pattern "
-                 f"into one override per shard; quote it, e.g. \"{key}='/data/cc12m/{{00000..01242}}.tar'\"")
+            fail(
+                f"{key} is given {len(values)} times ({values[0]}, {values[1]}, …): the shell expanded a brace pattern "
+                f"into one override per shard; quote it, e.g. \"{key}='/data/cc12m/{{00000..01242}}.tar'\""
+            )
 
 
 def fail(message: str) -> NoReturn:

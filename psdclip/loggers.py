@@ -13,8 +13,11 @@ log = logging.getLogger(__name__)
 
 def git_state(folder: str | Path = Path(__file__).parent) -> dict[str, str | bool]:
     """Commit and dirtiness of the git checkout holding ``folder`` (this package's code); empty outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -53,8 +53,14 @@ class PSDOutput:
     distill: Tensor  # (N,) bool, D over the global batch
 
 
-def soft_targets(teacher_logits: Tensor, own: Tensor, distill: Tensor, scope: str = "subset", tau_teacher: float = 1.0,
-                 mix: float = 1.0) -> tuple[Tensor, Tensor]:
+def soft_targets(
+    teacher_logits: Tensor,
+    own: Tensor,
+    distill: Tensor,
+    scope: str = "subset",
+    tau_teacher: float = 1.0,
+    mix: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Targets of distilled rows, ``mix`` × soft + (1 − ``mix``) × one-hot on ``own``, and the soft part alone.
 
     The soft part is softmax(teacher_logits / tau_teacher), restricted to D's pairs with ``scope="subset"``.
@@ -110,8 +116,10 @@ def partner_gap(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tenso
     """How far each row's best candidate outscores its own partner, in logits / tau, averaged over both directions:
     (rows,), ≥ 0; 0 when the partner is the best candidate both ways."""
     rows = torch.arange(len(labels), device=labels.device)
-    gaps = [(logits.detach().float() / tau).max(dim=-1).values - logits.detach().float()[rows, labels] / tau
-            for logits in (logits_per_image, logits_per_text)]
+    gaps = [
+        (logits.detach().float() / tau).max(dim=-1).values - logits.detach().float()[rows, labels] / tau
+        for logits in (logits_per_image, logits_per_text)
+    ]
     return (gaps[0] + gaps[1]) / 2
 
 
@@ -163,7 +171,11 @@ class PSDLoss(nn.Module):
         local_loss: bool = False,
     ):
         super().__init__()
-        for name, value, choices in (("teacher", teacher, TEACHERS), ("scope", scope, SCOPES), ("subset", subset, SUBSETS)):
+        for name, value, choices in (
+            ("teacher", teacher, TEACHERS),
+            ("scope", scope, SCOPES),
+            ("subset", subset, SUBSETS),
+        ):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
         if tau_teacher <= 0:
@@ -177,7 +189,14 @@ class PSDLoss(nn.Module):
         # the self teacher's untempered, unmixed soft target over the batch is the prediction itself: its rows carry no
         # gradient. For doubted rows that is loss truncation (dropping the suspect pairs), a rule in its own right; for
         # random rows it only throws data away.
-        if teacher == "self" and scope == "batch" and tau_teacher == 1.0 and mix == 1.0 and subset == "random" and alpha_max > 0:
+        if (
+            teacher == "self"
+            and scope == "batch"
+            and tau_teacher == 1.0
+            and mix == 1.0
+            and subset == "random"
+            and alpha_max > 0
+        ):
             raise ValueError(
                 "teacher=self with scope=batch, tau_teacher=1 and mix=1 makes the soft target equal the prediction, "
                 "so distilled pairs get no learning signal, and subset=random drops random pairs; use subset=doubt "
@@ -226,10 +245,16 @@ class PSDLoss(nn.Module):
         per_image, per_text, labels = self.logits(image_features, text_features, logit_scale, grad=True)
         teacher_logits = None
         if teacher_features is not None:
-            teacher_logits = self.logits(teacher_features["image_features"], teacher_features["text_features"],
-                                         teacher_features["logit_scale"], grad=False)[:2]
+            teacher_logits = self.logits(
+                teacher_features["image_features"],
+                teacher_features["text_features"],
+                teacher_features["logit_scale"],
+                grad=False,
+            )[:2]
         marks = gather(noise_marks, grad=False) if noise_marks is not None else None
-        return self.from_logits(per_image, per_text, labels, self.schedule(step, total_steps), step, teacher_logits, marks)
+        return self.from_logits(
+            per_image, per_text, labels, self.schedule(step, total_steps), step, teacher_logits, marks
+        )
 
     def logits(self, image: Tensor, text: Tensor, logit_scale: Tensor, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Image→text and text→image logits of this rank's rows against the gathered batch, in fp32, and the labels.
@@ -279,8 +304,9 @@ class PSDLoss(nn.Module):
         stats = {name: value for name, value in stats.items() if value is not None}
         return PSDOutput(loss, stats, logits_per_image.detach(), teacher_image.detach(), labels, distill)
 
-    def choose_subset(self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor, batch_size: int, alpha: float,
-                      step: int) -> Tensor:
+    def choose_subset(
+        self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor, batch_size: int, alpha: float, step: int
+    ) -> Tensor:
         """D over the global batch, the same on every rank."""
         count = math.floor(alpha * batch_size)
         if count == 0:  # CLIP, the ramp's start: made on the device, not on the host and copied every step
@@ -310,8 +336,14 @@ class PSDLoss(nn.Module):
         targets = F.one_hot(output.labels, output.logits_per_image.shape[1]).to(dtype)
         rows = output.distill[output.labels]
         if rows.any():
-            targets[rows] = soft_targets(output.teacher_logits_per_image[rows], output.labels[rows], output.distill,
-                                         self.scope, self.tau_teacher, self.mix)[0].to(dtype)
+            targets[rows] = soft_targets(
+                output.teacher_logits_per_image[rows],
+                output.labels[rows],
+                output.distill,
+                self.scope,
+                self.tau_teacher,
+                self.mix,
+            )[0].to(dtype)
         return targets
 
 

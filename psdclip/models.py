@@ -60,7 +60,11 @@ def create_clip(
             raise ValueError(architecture_mismatch(pretrained, held, name))
     try:
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            name, pretrained=None if own_state else pretrained, aug_cfg=dict(augmentation or {}), output_dict=True, **model_kwargs
+            name,
+            pretrained=None if own_state else pretrained,
+            aug_cfg=dict(augmentation or {}),
+            output_dict=True,
+            **model_kwargs,
         )
     except (RuntimeError, AssertionError) as exn:  # open_clip's load: kilobytes of key lists, or a bare assertion
         if not local:
@@ -77,7 +81,11 @@ def create_clip(
 
 def architecture_mismatch(path: str | Path, held: str | None, asked: str) -> str:
     """One line saying that the weights in ``path`` belong to ``held`` (None: unknown), not to ``asked``."""
-    holds = f"a {held} model" if held else "weights of another architecture (none of open_clip's built-in ones matches them)"
+    holds = (
+        f"a {held} model"
+        if held
+        else "weights of another architecture (none of open_clip's built-in ones matches them)"
+    )
     fix = f"set model.name={held}" if held else "set model.name to the architecture they were trained with"
     return f"{path} holds {holds}, but model.name={asked} was asked: {fix}"
 
@@ -102,12 +110,16 @@ def weights_architecture(path: str | Path) -> str | None:
 
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name) or {}
-        if "timm_model_name" in config.get("vision_cfg", {}) or "hf_model_name" in config.get("text_cfg", {}) or not plausible(config):
+        if (
+            "timm_model_name" in config.get("vision_cfg", {})
+            or "hf_model_name" in config.get("text_cfg", {})
+            or not plausible(config)
+        ):
             continue
         try:
             with torch.device("meta"):
                 model = open_clip.create_model(name, device="meta")
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - a config that cannot be built is not the checkpoint's architecture
             continue
         if {key: tuple(value.shape) for key, value in model.state_dict().items()} == shapes:
             return name
@@ -126,14 +138,21 @@ def read_checkpoint(path: str | Path, weights: str = "student") -> tuple[str, di
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     name = checkpoint.get("hyper_parameters", {}).get("model_name")
     if name is None or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict); "
-                         "for open_clip weights give the model name and pretrained weights instead")
+        raise ValueError(
+            f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict); "
+            "for open_clip weights give the model name and pretrained weights instead"
+        )
     prefix = CHECKPOINT_WEIGHTS[weights]
     # torch.compile'd models keep their weights under _orig_mod.
-    state = {key[len(prefix):].replace("_orig_mod.", ""): value
-             for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    state = {
+        key[len(prefix) :].replace("_orig_mod.", ""): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(prefix)
+    }
     if not state:
-        raise ValueError(f"{path} holds no {weights} weights (keys starting with {prefix!r}); was it trained with teacher=ema?")
+        raise ValueError(
+            f"{path} holds no {weights} weights (keys starting with {prefix!r}); was it trained with teacher=ema?"
+        )
     return name, state
 
 

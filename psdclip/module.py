@@ -74,15 +74,25 @@ class PSDCLIPModule(L.LightningModule):
         for name, value in stats.items():
             # how well D catches wrong captions is noisy per step: its epoch mean (train/<name>_epoch) is the figure
             epoch_mean = name in NOISE_DIAGNOSTICS
-            self.log(f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True, on_epoch=epoch_mean)
+            self.log(
+                f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True, on_epoch=epoch_mean
+            )
         # the step's own loss output travels to callbacks (the media callback draws the targets it used)
         return {"loss": result.loss, "psd": result}
 
-    def psd_loss(self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None,
-                 noise_marks: Tensor | None) -> PSDOutput:
+    def psd_loss(
+        self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None, noise_marks: Tensor | None
+    ) -> PSDOutput:
         """The loss of the whole batch from the student's (and the teacher's) open_clip output dicts."""
-        return self.loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], self.global_step,
-                         self.trainer.estimated_stepping_batches, teacher, noise_marks)
+        return self.loss(
+            outputs["image_features"],
+            outputs["text_features"],
+            outputs["logit_scale"],
+            self.global_step,
+            self.trainer.estimated_stepping_batches,
+            teacher,
+            noise_marks,
+        )
 
     def step_in_micro_batches(self, images: Tensor, texts: Tensor, noise_marks: Tensor | None) -> PSDOutput:
         """One optimiser step on the batch, computed in ``micro_batches`` pieces (gradient caching, as open_clip's
@@ -95,8 +105,13 @@ class PSDCLIPModule(L.LightningModule):
            sum over the pieces is the whole batch's gradient by the chain rule, with one piece's activations alive.
         Exact when the forward pass is deterministic (no dropout), as open_clip's accumulation is.
         """
-        pieces = [piece for piece in zip(images.tensor_split(self.hparams.micro_batches),
-                                         texts.tensor_split(self.hparams.micro_batches)) if len(piece[0])]
+        pieces = [
+            piece
+            for piece in zip(
+                images.tensor_split(self.hparams.micro_batches), texts.tensor_split(self.hparams.micro_batches)
+            )
+            if len(piece[0])
+        ]
         with torch.no_grad():
             cached = concat_outputs([self.model(*piece) for piece in pieces])
             teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher is not None else None
@@ -151,7 +166,9 @@ class PSDCLIPModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
         )
         total = self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(

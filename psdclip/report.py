@@ -56,9 +56,18 @@ def load_jobs(sweep_dir: str | Path) -> list[Job]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"multirun folder not found: {sweep_dir}")
-    files = sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: (not p.parent.parent.name.isdigit(), int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0, p.parent.parent.name))
+    files = sorted(
+        sweep_dir.glob("*/.hydra/overrides.yaml"),
+        key=lambda p: (
+            not p.parent.parent.name.isdigit(),
+            int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+            p.parent.parent.name,
+        ),
+    )
     if not files:
-        raise FileNotFoundError(f"{sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml); pass the folder of a `-m` run")
+        raise FileNotFoundError(
+            f"{sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml); pass the folder of a `-m` run"
+        )
     jobs, missing = [], []
     for overrides_file in files:
         folder = overrides_file.parent.parent
@@ -66,9 +75,17 @@ def load_jobs(sweep_dir: str | Path) -> list[Job]:
         if summary is None:
             missing.append(folder.name)
             continue
-        jobs.append(Job(folder, parse_overrides(yaml.safe_load(overrides_file.read_text()) or []), json.loads(summary.read_text())))
+        jobs.append(
+            Job(
+                folder,
+                parse_overrides(yaml.safe_load(overrides_file.read_text()) or []),
+                json.loads(summary.read_text()),
+            )
+        )
     if missing:
-        log.warning("%d job(s) without %s (failed or unfinished), left out: %s", len(missing), SUMMARY_FILE, ", ".join(missing))
+        log.warning(
+            "%d job(s) without %s (failed or unfinished), left out: %s", len(missing), SUMMARY_FILE, ", ".join(missing)
+        )
     if not jobs:
         raise FileNotFoundError(f"no job under {sweep_dir} finished (none has {SUMMARY_FILE})")
     return jobs
@@ -92,9 +109,16 @@ def sweep_metric(jobs: list[Job]) -> str | None:
 
 
 def table(jobs: list[Job], keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    rows = [{"job": job.directory.name, **{key: job.overrides.get(key) for key in keys},
-             **{metric: job.metrics.get(metric, math.nan) for metric in metrics},
-             "wall_time_s": job.summary.get("wall_time_s"), "steps": job.summary.get("steps")} for job in jobs]
+    rows = [
+        {
+            "job": job.directory.name,
+            **{key: job.overrides.get(key) for key in keys},
+            **{metric: job.metrics.get(metric, math.nan) for metric in metrics},
+            "wall_time_s": job.summary.get("wall_time_s"),
+            "steps": job.summary.get("steps"),
+        }
+        for job in jobs
+    ]
     return pd.DataFrame(rows)
 
 
@@ -131,7 +155,12 @@ def plot_sweep(frame: pd.DataFrame, keys: list[str], metric: str, path: Path) ->
     plt.close(figure)
 
 
-def report(sweep_dir: str | Path, metric: str | None = None, columns: list[str] = DEFAULT_COLUMNS, out: str | Path | None = None) -> dict[str, Path]:
+def report(
+    sweep_dir: str | Path,
+    metric: str | None = None,
+    columns: list[str] = DEFAULT_COLUMNS,
+    out: str | Path | None = None,
+) -> dict[str, Path]:
     """Write the multirun's table (CSV, Markdown) and plot; returns their paths."""
     sweep_dir = Path(sweep_dir)
     jobs = load_jobs(sweep_dir)
@@ -146,7 +175,9 @@ def report(sweep_dir: str | Path, metric: str | None = None, columns: list[str] 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "report.csv", "markdown": out / "report.md"}
     frame.to_csv(paths["csv"], index=False)
-    paths["markdown"].write_text(f"# {sweep_dir.name}: {len(jobs)} runs, swept {', '.join(keys) or 'nothing'}\n\n{markdown(frame)}")
+    paths["markdown"].write_text(
+        f"# {sweep_dir.name}: {len(jobs)} runs, swept {', '.join(keys) or 'nothing'}\n\n{markdown(frame)}"
+    )
     if keys:
         paths["plot"] = out / "report.png"
         plot_sweep(frame, keys, metric, paths["plot"])
@@ -160,7 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m psdclip.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a Hydra multirun folder (logs/train/multiruns/<time>)")
     parser.add_argument("--metric", help="metric to plot (default: the sweep's optimized_metric)")
-    parser.add_argument("--columns", nargs="+", default=list(DEFAULT_COLUMNS), help="metrics to tabulate, glob patterns (default: eval/*)")
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=list(DEFAULT_COLUMNS),
+        help="metrics to tabulate, glob patterns (default: eval/*)",
+    )
     parser.add_argument("--out", help="output folder (default: the multirun folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -25,8 +25,9 @@ class Progress:
     """Log lines for a long step that has no progress bar (writing shards, encoding an evaluation set): how far it is
     at most every ``every_s`` seconds, and a last line with the time taken."""
 
-    def __init__(self, logger: logging.Logger, what: str, total: int | None = None, unit: str = "images",
-                 every_s: float = 10.0):
+    def __init__(
+        self, logger: logging.Logger, what: str, total: int | None = None, unit: str = "images", every_s: float = 10.0
+    ):
         self.logger, self.what, self.total, self.unit, self.every_s = logger, what, total, unit, every_s
         self.count, self.started = 0, time.perf_counter()
         self.last_report = self.started
@@ -44,7 +45,11 @@ class Progress:
         if now - self.last_report >= self.every_s:
             self.last_report = now
             of_total = f" of {self.total:,}" if self.total else ""
-            self.logger.info("%s: %s%s %s (%.0f s)", self.what, f"{self.count:,}", of_total, self.unit, now - self.started)
+            self.logger.info(
+                "%s: %s%s %s (%.0f s)", self.what, f"{self.count:,}", of_total, self.unit, now - self.started
+            )
 
     def done(self) -> None:
-        self.logger.info("%s: %s %s in %.1f s", self.what, f"{self.count:,}", self.unit, time.perf_counter() - self.started)
+        self.logger.info(
+            "%s: %s %s in %.1f s", self.what, f"{self.count:,}", self.unit, time.perf_counter() - self.started
+        )

@@ -53,25 +53,56 @@ class StudyData:
 DIAGNOSTICS = "train/distill_precision_epoch,train/distill_recall_epoch"
 STUDY_DATA = {
     # each task's headline metric
-    "embedded": StudyData("noisy_captions", "fashion_mnist", "eval/fashion_mnist_val/zeroshot_top1", "flip,swap",
-                          f"eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,{DIAGNOSTICS}"),
+    "embedded": StudyData(
+        "noisy_captions",
+        "fashion_mnist",
+        "eval/fashion_mnist_val/zeroshot_top1",
+        "flip,swap",
+        f"eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,{DIAGNOSTICS}",
+    ),
     # retrieval first: on mosaics it is instance-level, the task the mosaics exist for
-    "embedded_mosaic": StudyData("noisy_captions_mosaic", "fashion_mosaic", "eval/fashion_mosaic_val/retrieval_mean_recall",
-                                 "partial,swap", f"eval/*/retrieval_mean_recall,eval/*/retrieval_r1,eval/*/zeroshot_top1,{DIAGNOSTICS}"),
+    "embedded_mosaic": StudyData(
+        "noisy_captions_mosaic",
+        "fashion_mosaic",
+        "eval/fashion_mosaic_val/retrieval_mean_recall",
+        "partial,swap",
+        f"eval/*/retrieval_mean_recall,eval/*/retrieval_r1,eval/*/zeroshot_top1,{DIAGNOSTICS}",
+    ),
 }
-STUDY_KEYS = {"data": "embedded", "noise": "0,0.2,0.4,0.6", "kinds": None, "seeds": "3", "first_seed": "0",
-              "methods": "clip,psd", "split": "test", "metrics": None, "out": None}
+STUDY_KEYS = {
+    "data": "embedded",
+    "noise": "0,0.2,0.4,0.6",
+    "kinds": None,
+    "seeds": "3",
+    "first_seed": "0",
+    "methods": "clip,psd",
+    "split": "test",
+    "metrics": None,
+    "out": None,
+}
 # a few steps on tiny batches: checks the whole pipeline in seconds (tests, smoke runs)
-QUICK = ["trainer.max_epochs=1", "trainer.max_steps=3", "data.batch_size=32", "data.num_workers=0", "optim.warmup_steps=1",
-         "data.train_size=null", "callbacks.learning_curve.every_n_epochs=1", "callbacks.throughput.window_size=2"]
+QUICK = [
+    "trainer.max_epochs=1",
+    "trainer.max_steps=3",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "optim.warmup_steps=1",
+    "data.train_size=null",
+    "callbacks.learning_curve.every_n_epochs=1",
+    "callbacks.throughput.window_size=2",
+]
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
     """Split ``key=value`` arguments into the study's settings and the overrides passed on to train.py."""
     parser = argparse.ArgumentParser(prog="python -m psdclip.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
-    parser.add_argument("settings", nargs="*", help="data=…, noise=…, kinds=…, seeds=N, first_seed=S, methods=…, "
-                        "split=test|val, metrics=…, out=DIR, and train.py overrides")
+    parser.add_argument(
+        "settings",
+        nargs="*",
+        help="data=…, noise=…, kinds=…, seeds=N, first_seed=S, methods=…, "
+        "split=test|val, metrics=…, out=DIR, and train.py overrides",
+    )
     args = parser.parse_args(argv)
     settings, overrides = dict(STUDY_KEYS), []
     for item in args.settings:
@@ -102,20 +133,39 @@ def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path)
     levels = [level for level in settings["noise"].split(",") if level.strip()]
     clean, noisy = [lv for lv in levels if float(lv) == 0], [lv for lv in levels if float(lv) != 0]
     data = STUDY_DATA[settings["data"]]
-    base = [sys.executable, str(TRAIN_SCRIPT), "-m", f"experiment={data.experiment}", f"loss={settings['methods']}", f"seed={seeds}",
-            f"evaluation.datasets.{data.eval_set}.split={settings['split']}", *(QUICK if quick else []), *overrides]
+    base = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "-m",
+        f"experiment={data.experiment}",
+        f"loss={settings['methods']}",
+        f"seed={seeds}",
+        f"evaluation.datasets.{data.eval_set}.split={settings['split']}",
+        *(QUICK if quick else []),
+        *overrides,
+    ]
     runs = []
     if clean:
         runs.append([*base, "data.noise=0", "data.noise_kind=flip", f"hydra.sweep.dir={study_dir / 'clean'}"])
     if noisy:
-        runs.append([*base, f"data.noise={','.join(noisy)}", f"data.noise_kind={settings['kinds']}",
-                     f"hydra.sweep.dir={study_dir / 'noisy'}"])
+        runs.append(
+            [
+                *base,
+                f"data.noise={','.join(noisy)}",
+                f"data.noise_kind={settings['kinds']}",
+                f"hydra.sweep.dir={study_dir / 'noisy'}",
+            ]
+        )
     return runs
 
 
 def best_on_curve(job_dir: Path, metric: str) -> float | None:
     """The best value of ``metric`` over the run's evaluations (its CSV log), the final one included."""
-    values = [value for path in job_dir.glob("csv/metrics.csv") for value in pd.read_csv(path).get(metric, pd.Series()).dropna()]
+    values = [
+        value
+        for path in job_dir.glob("csv/metrics.csv")
+        for value in pd.read_csv(path).get(metric, pd.Series()).dropna()
+    ]
     return float(max(values)) if values else None
 
 
@@ -134,8 +184,13 @@ def runs_table(study_dir: Path, patterns: list[str], curve_metric: str) -> tuple
     rows = []
     for job in jobs:
         noise = float(job.summary["noise"])
-        row = {"method": job.overrides.get("loss", job.summary["method"]), "kind": job.summary.get("noise_kind") if noise else "clean",
-               "noise": noise, "seed": job.overrides.get("seed"), **{metric: job.metrics.get(metric) for metric in metrics}}
+        row = {
+            "method": job.overrides.get("loss", job.summary["method"]),
+            "kind": job.summary.get("noise_kind") if noise else "clean",
+            "noise": noise,
+            "seed": job.overrides.get("seed"),
+            **{metric: job.metrics.get(metric) for metric in metrics},
+        }
         for metric in metrics:
             if metric.endswith(curve_metric):
                 row[f"{metric}_best"] = best_on_curve(job.directory, metric)
@@ -162,7 +217,9 @@ def aggregate(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                         row[method] = f"{m:.4f} ± {s:.4f} (n={n})" if n > 1 else f"{m:.4f} (n=1)"
                 for method in methods:
                     if method != "clip" and (kind, noise, "clip") in mean.index and (kind, noise, method) in mean.index:
-                        row[f"{method} − clip"] = f"{mean.loc[(kind, noise, method), metric] - mean.loc[(kind, noise, 'clip'), metric]:+.4f}"
+                        row[f"{method} − clip"] = (
+                            f"{mean.loc[(kind, noise, method), metric] - mean.loc[(kind, noise, 'clip'), metric]:+.4f}"
+                        )
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -177,7 +234,9 @@ def plot(runs: pd.DataFrame, metrics: list[str], path: Path) -> None:
             data = runs[runs["kind"].isin([kind, "clean"])]
             for method, group in data.groupby("method"):
                 stats = group.groupby("noise")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
-                axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
+                axis.errorbar(
+                    stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method
+                )
             axis.set(xlabel=f"caption noise ({kind})", ylabel=metric.split("/")[-1])
             axis.set_title(metric, fontsize=8)
             axis.grid(alpha=0.3)

@@ -50,8 +50,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # one line instead of Lightning's table, whose FLOPs column reads 0 for models it cannot trace
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
-        log.info("model %s: %s trainable parameters, %s in all (an EMA teacher's, if any, included)", clip.name,
-                 f"{trainable:,}", f"{total:,}")
+        log.info(
+            "model %s: %s trainable parameters, %s in all (an EMA teacher's, if any, included)",
+            clip.name,
+            f"{trainable:,}",
+            f"{total:,}",
+        )
     resolved = {**OmegaConf.to_container(cfg, resolve=True), "git": git_state()}
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)

@@ -32,15 +32,24 @@ from tests.helpers.shard_sets import jpeg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], tmp_path: Path, full_error: bool = False, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(
+    args: list[str], tmp_path: Path, full_error: bool = False, timeout: float = 180
+) -> tuple[subprocess.CompletedProcess, float]:
     """``python <args>`` from the repository root; the completed process and its wall time in seconds."""
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
@@ -53,8 +62,14 @@ def run_cli(args: list[str], tmp_path: Path, full_error: bool = False, timeout: 
 
 
 def tiny_paths(tmp_path: Path, fashion_mnist_dir: Path) -> list[str]:
-    return [f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-            f"paths.log_dir={tmp_path / 'logs'}", "data.batch_size=32", "data.num_workers=0", "trainer.max_steps=1"]
+    return [
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "trainer.max_steps=1",
+    ]
 
 
 # ---------------------------------------------------------------- item 5: make_shards into a folder with shards
@@ -98,7 +113,9 @@ def test_make_shards_counts_non_utf8_captions_as_the_training_reader_does(tmp_pa
     table = tmp_path / "pairs.csv"
     with open(table, "w", newline="", encoding="latin-1") as f:
         writer = csv.writer(f)
-        writer.writerows([["image", "caption"], [str(source / "p0.jpg"), "a fine photo"], [str(source / "p2.jpg"), "crème brûlée"]])
+        writer.writerows(
+            [["image", "caption"], [str(source / "p0.jpg"), "a fine photo"], [str(source / "p2.jpg"), "crème brûlée"]]
+        )
 
     for given, out in ((source, tmp_path / "from_folder"), (table, tmp_path / "from_table")):
         sizes = make_shards([str(given), str(out)])
@@ -112,7 +129,9 @@ def test_make_shards_counts_non_utf8_captions_as_the_training_reader_does(tmp_pa
 
 
 def test_unquoted_brace_pattern_names_the_quoted_fix(tmp_path):
-    done, _ = run_cli(["train.py", "data=shards", "data.train_shards=/data/cc12m/{00000..01242}.tar"], tmp_path, timeout=120)
+    done, _ = run_cli(
+        ["train.py", "data=shards", "data.train_shards=/data/cc12m/{00000..01242}.tar"], tmp_path, timeout=120
+    )
     assert done.returncode == 1
     assert "\"data.train_shards='/data/cc12m/{00000..01242}.tar'\"" in done.stderr, done.stderr[-2000:]
 
@@ -127,11 +146,21 @@ def test_shell_expanded_brace_pattern_is_refused(tmp_path):
 
 def test_documented_brace_pattern_commands_work(tmp_path):
     """The brace-pattern commands that conf/data/shards.yaml and the README show, split as a shell splits them."""
-    shown = [line.lstrip("# ") for line in (ROOT / "conf/data/shards.yaml").read_text().splitlines() if "{" in line and "train.py" in line]
-    shown += [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python train.py") and "{" in line]
+    shown = [
+        line.lstrip("# ")
+        for line in (ROOT / "conf/data/shards.yaml").read_text().splitlines()
+        if "{" in line and "train.py" in line
+    ]
+    shown += [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("python train.py") and "{" in line
+    ]
     assert len(shown) >= 2
     for command in shown:
-        args = shlex.split(command[command.index("python train.py"):])[1:]  # the shell's quote removal; no expansion inside quotes
+        args = shlex.split(command[command.index("python train.py") :])[
+            1:
+        ]  # the shell's quote removal; no expansion inside quotes
         done, _ = run_cli([args[0], "--cfg", "job", *args[1:]], tmp_path, timeout=120)
         assert done.returncode == 0, f"{command}: {done.stderr[-1500:]}"
         pattern = next(arg for arg in args if arg.startswith("data.train_shards=")).split("=", 1)[1].strip("'")
@@ -143,7 +172,9 @@ def test_documented_brace_pattern_commands_work(tmp_path):
 
 @pytest.mark.parametrize("setting", ["optim.lr=-1", "data.num_workers=-1"])
 def test_invalid_settings_are_named_before_torch_loads(setting, tmp_path, fashion_mnist_dir):
-    done, seconds = run_cli(["-X", "importtime", "train.py", *tiny_paths(tmp_path, fashion_mnist_dir), setting], tmp_path)
+    done, seconds = run_cli(
+        ["-X", "importtime", "train.py", *tiny_paths(tmp_path, fashion_mnist_dir), setting], tmp_path
+    )
     errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert done.returncode == 1
     assert errors[0].startswith(f"error: {setting} cannot work: give "), "\n".join(errors[-20:])
@@ -157,13 +188,21 @@ def test_invalid_settings_are_named_before_torch_loads(setting, tmp_path, fashio
 def test_start_up_errors_print_the_message_and_keep_the_stack_on_request(case, tmp_path, fashion_mnist_dir):
     (tmp_path / "empty").mkdir()
     overrides, message = {
-        "empty shard folder": (["data=shards", f"data.train_shards={tmp_path / 'empty'}"], f"error: shard pattern '{tmp_path / 'empty'}' names no shards"),
-        "unknown model (inside Hydra's instantiate)": (["model.name=no-such-model"], "error: unknown model 'no-such-model'"),
+        "empty shard folder": (
+            ["data=shards", f"data.train_shards={tmp_path / 'empty'}"],
+            f"error: shard pattern '{tmp_path / 'empty'}' names no shards",
+        ),
+        "unknown model (inside Hydra's instantiate)": (
+            ["model.name=no-such-model"],
+            "error: unknown model 'no-such-model'",
+        ),
     }[case]
     args = ["train.py", *tiny_paths(tmp_path, fashion_mnist_dir), *overrides, "~callbacks.evaluation"]
     done, _ = run_cli(args, tmp_path)
     assert done.returncode == 1
-    assert message in done.stderr and "Traceback" not in done.stderr and "HYDRA_FULL_ERROR=1" in done.stderr, done.stderr[-3000:]
+    assert message in done.stderr and "Traceback" not in done.stderr and "HYDRA_FULL_ERROR=1" in done.stderr, (
+        done.stderr[-3000:]
+    )
     full, _ = run_cli(args, tmp_path, full_error=True)
     assert full.returncode == 1 and "Traceback" in full.stderr
 
@@ -181,15 +220,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def test_weights_of_another_architecture_are_named_in_one_line(tiny_checkpoint, tmp_path, fashion_mnist_dir):
     weights = tiny_checkpoint.with_name("tiny_open_clip.pt")
-    done, _ = run_cli(["evaluate.py", "model.name=ViT-B-32", f"model.pretrained={weights}", "evaluation=default",
-                       f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    done, _ = run_cli(
+        [
+            "evaluate.py",
+            "model.name=ViT-B-32",
+            f"model.pretrained={weights}",
+            "evaluation=default",
+            f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 1
     expected = f"error: {weights} holds a psdclip-vit-tiny model, but model.name=ViT-B-32 was asked: set model.name=psdclip-vit-tiny"
     assert expected in done.stderr.splitlines(), done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Missing key" not in done.stderr
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_checkpoint} holds a psdclip-vit-tiny model, but model.name=ViT-B-32")):
-        load_encoders(str(tiny_checkpoint), "ViT-B-32")  # the checkpoint's own architecture would have been used silently
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_checkpoint} holds a psdclip-vit-tiny model, but model.name=ViT-B-16")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tiny_checkpoint} holds a psdclip-vit-tiny model, but model.name=ViT-B-32")
+    ):
+        load_encoders(
+            str(tiny_checkpoint), "ViT-B-32"
+        )  # the checkpoint's own architecture would have been used silently
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tiny_checkpoint} holds a psdclip-vit-tiny model, but model.name=ViT-B-16")
+    ):
         create_clip("ViT-B-16", str(tiny_checkpoint))
 
 
@@ -197,5 +251,7 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error(tiny_checkpoint,
     root = tmp_path / "wds_hollow"
     (root / "test").mkdir(parents=True)  # empty, and no templates file: no task can run
     model = load_encoders(str(tiny_checkpoint))
-    with pytest.raises(ValueError, match=re.escape(f"evaluation set hollow ({root}) supports no task: zero-shot needs {root}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"evaluation set hollow ({root}) supports no task: zero-shot needs {root}")
+    ):
         EvalSuite({"hollow": WdsEvalSet(str(root))}, ["zeroshot"]).run(model)

@@ -19,7 +19,11 @@ def test_train_shards_carry_the_requested_caption_noise(fashion_mnist_dir, tmp_p
     samples = read_samples(shards.pattern)
     assert len(samples) == 320 and shards.num_shards == 4
     assert json.loads((shards.directory / "sizes.json").read_text()) == {
-        "train-000000.tar": 100, "train-000001.tar": 100, "train-000002.tar": 100, "train-000003.tar": 20}
+        "train-000000.tar": 100,
+        "train-000001.tar": 100,
+        "train-000002.tar": 100,
+        "train-000003.tar": 20,
+    }
     meta = [sample["json"] for sample in samples]
     corrupted = np.array([m["corrupted"] for m in meta])
     assert abs(corrupted.mean() - 0.3) < 0.08
@@ -63,14 +67,23 @@ def test_missing_idx_files_explain_how_to_get_them(tmp_path):
 
 def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir, tmp_path):
     clip = create_clip("psdclip-vit-tiny")
-    data = EmbeddedDataModule(str(fashion_mnist_dir), str(tmp_path), shard_size=100, batch_size=32, num_workers=0,
-                              transform=clip.train_transform, tokenizer=clip.tokenizer)
+    data = EmbeddedDataModule(
+        str(fashion_mnist_dir),
+        str(tmp_path),
+        shard_size=100,
+        batch_size=32,
+        num_workers=0,
+        transform=clip.train_transform,
+        tokenizer=clip.tokenizer,
+    )
     data.prepare_data()
     assert data.batches_per_epoch() == 10
     loader = data.train_dataloader()
     batches = list(loader)
     assert len(loader) == len(batches) == 10
-    images, tokens, skipped, marks = batches[0]  # the DataModule takes the skip counts off before the model sees the batch
+    images, tokens, skipped, marks = batches[
+        0
+    ]  # the DataModule takes the skip counts off before the model sees the batch
     assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
     assert skipped.counts.sum() == 0 and skipped.notes == []
     # each sample's noise mark is its json's "corrupted" flag (data.noise defaults to 0.3)
@@ -121,7 +134,9 @@ def test_evaluation_on_missing_fashion_mnist_fails_at_start_up(tmp_path):
 def test_each_noise_kind_is_written_with_its_flags_and_read_back(fashion_mnist_dir, tmp_path, kind):
     from psdclip.data.embedded import CAPTION_TEMPLATES, GENERIC_CAPTIONS
 
-    shards = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=0.4, noise_kind=kind, shard_size=100)
+    shards = FashionMNISTShards(
+        "train", str(fashion_mnist_dir), str(tmp_path), noise=0.4, noise_kind=kind, shard_size=100
+    )
     shards.ensure()
     samples = read_samples(shards.pattern)
     assert len(samples) == 320 and f"-{kind}-" in shards.directory.name
@@ -147,11 +162,29 @@ def test_each_noise_kind_is_written_with_its_flags_and_read_back(fashion_mnist_d
 def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, tmp_path):
     from psdclip.data.pipeline import noise_mark
 
-    assert [noise_mark(s) for s in ({"json": b'{"corrupted": true}'}, {"json": b'{"corrupted": false}'}, {"json": b"{}"},
-                                    {"json": b"not json"}, {"json": b"[1]"}, {"txt": b"x"})] == [1, 0, -1, -1, -1, -1]
+    assert [
+        noise_mark(s)
+        for s in (
+            {"json": b'{"corrupted": true}'},
+            {"json": b'{"corrupted": false}'},
+            {"json": b"{}"},
+            {"json": b"not json"},
+            {"json": b"[1]"},
+            {"txt": b"x"},
+        )
+    ] == [1, 0, -1, -1, -1, -1]
     clip = create_clip("psdclip-vit-tiny")
-    data = EmbeddedDataModule(str(fashion_mnist_dir), str(tmp_path), noise=0.4, noise_kind="swap", shard_size=100,
-                              batch_size=320, num_workers=0, transform=clip.train_transform, tokenizer=clip.tokenizer)
+    data = EmbeddedDataModule(
+        str(fashion_mnist_dir),
+        str(tmp_path),
+        noise=0.4,
+        noise_kind="swap",
+        shard_size=100,
+        batch_size=320,
+        num_workers=0,
+        transform=clip.train_transform,
+        tokenizer=clip.tokenizer,
+    )
     data.prepare_data()
     ((_, _, _, marks),) = list(data.train_dataloader())  # one batch: the whole epoch, every sample once
     assert marks.sum().item() == sum(s["json"]["corrupted"] for s in read_samples(data.shards.pattern)) > 0
@@ -159,8 +192,13 @@ def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, t
 
 def test_shard_cache_separates_noise_kinds_and_sizes(fashion_mnist_dir, tmp_path):
     make = lambda **kw: FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kw).directory
-    folders = {make(noise=0.4), make(noise=0.4, noise_kind="swap"), make(noise=0.4, noise_kind="generic"),
-               make(noise=0.4, size=100), make(noise=0.0)}
+    folders = {
+        make(noise=0.4),
+        make(noise=0.4, noise_kind="swap"),
+        make(noise=0.4, noise_kind="generic"),
+        make(noise=0.4, size=100),
+        make(noise=0.0),
+    }
     assert len(folders) == 5
     assert make(noise=0.0) == make(noise=0.0, noise_kind="swap")  # the kind of no noise is no setting
 
@@ -176,12 +214,19 @@ def test_val_split_is_held_out_clean_and_disjoint_from_train(fashion_mnist_dir, 
     pixels = read_idx(find_idx(fashion_mnist_dir, "train-images-idx3-ubyte"))
     for index, sample in enumerate(samples):
         assert not sample["json"]["corrupted"] and len(sample["json"]["captions"]) == 5
-        assert np.array_equal(np.asarray(sample["png"].convert("L")), pixels[320 + index])  # the last 29 training images
+        assert np.array_equal(
+            np.asarray(sample["png"].convert("L")), pixels[320 + index]
+        )  # the last 29 training images
 
 
-@pytest.mark.parametrize("kwargs,message", [({"noise_kind": "typo"}, "unknown data.noise_kind 'typo'"),
-                                            ({"size": 400}, "data.train_size=400 is more than the 320 images"),
-                                            ({"size": 0}, "data.train_size must be a positive")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"noise_kind": "typo"}, "unknown data.noise_kind 'typo'"),
+        ({"size": 400}, "data.train_size=400 is more than the 320 images"),
+        ({"size": 0}, "data.train_size must be a positive"),
+    ],
+)
 def test_bad_data_settings_are_refused(fashion_mnist_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _ = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kwargs).num_samples

@@ -41,9 +41,7 @@ def test_mosaics_and_captions_are_deterministic_for_a_seed(fashion_mnist_dir, tm
 
     first, again, other = build("a", 0), build("b", 0), build("c", 1)
     fields = ("png", "txt", "json")
-    assert [[s[f] for f in fields] for s in first] == [
-        [s[f] for f in fields] for s in again
-    ]
+    assert [[s[f] for f in fields] for s in first] == [[s[f] for f in fields] for s in again]
     assert [s["png"] for s in first] != [s["png"] for s in other]
     assert [s["txt"] for s in first] != [s["txt"] for s in other]
 
@@ -51,30 +49,19 @@ def test_mosaics_and_captions_are_deterministic_for_a_seed(fashion_mnist_dir, tm
 def test_a_mosaic_tiles_its_four_items_in_reading_order(fashion_mnist_dir, tmp_path):
     images = read_idx(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz")
-    for sample in read_samples(
-        MosaicShards("test", str(fashion_mnist_dir), str(tmp_path), size=10)
-    ):
+    for sample in read_samples(MosaicShards("test", str(fashion_mnist_dir), str(tmp_path), size=10)):
         meta, pixels = sample["json"], sample["png"]
         assert pixels.shape == (56, 56)
-        assert np.array_equal(
-            pixels[:28, 28:], images[meta["items"][1]]
-        )  # top right is the second item
+        assert np.array_equal(pixels[:28, 28:], images[meta["items"][1]])  # top right is the second item
         assert np.array_equal(pixels, tile(images[meta["items"]]))
-        assert (
-            meta["labels"] == labels[meta["items"]].tolist()
-            and int(sample["cls"]) == meta["labels"][0]
-        )
+        assert meta["labels"] == labels[meta["items"]].tolist() and int(sample["cls"]) == meta["labels"][0]
         # clean test captions: five templates, each naming the four items in reading order
         assert meta["captions"][0] == sample["txt"] and len(set(meta["captions"])) == 5
-        assert set(meta["captions"]) <= {
-            mosaic_caption(t, meta["labels"]) for t in MOSAIC_TEMPLATES
-        }
+        assert set(meta["captions"]) <= {mosaic_caption(t, meta["labels"]) for t in MOSAIC_TEMPLATES}
         assert not meta["corrupted"] and meta["wrong_positions"] == []
 
 
-@pytest.mark.parametrize(
-    "kind, wrong_count", [("partial", {1}), ("flip", {4}), ("swap", {1, 2, 3, 4})]
-)
+@pytest.mark.parametrize("kind, wrong_count", [("partial", {1}), ("flip", {4}), ("swap", {1, 2, 3, 4})])
 def test_json_flags_match_the_captions(fashion_mnist_dir, tmp_path, kind, wrong_count):
     shards = MosaicShards(
         "train",
@@ -90,9 +77,7 @@ def test_json_flags_match_the_captions(fashion_mnist_dir, tmp_path, kind, wrong_
     for sample in samples:
         meta = sample["json"]
         # the caption names exactly the caption labels, in reading order, through one of the templates
-        assert sample["txt"] in {
-            mosaic_caption(t, meta["caption_labels"]) for t in MOSAIC_TEMPLATES
-        }
+        assert sample["txt"] in {mosaic_caption(t, meta["caption_labels"]) for t in MOSAIC_TEMPLATES}
         wrong = [p for p in range(4) if meta["caption_labels"][p] != meta["labels"][p]]
         assert meta["wrong_positions"] == wrong
         assert meta["corrupted"] == bool(wrong)
@@ -101,37 +86,20 @@ def test_json_flags_match_the_captions(fashion_mnist_dir, tmp_path, kind, wrong_
         if kind == "swap" and meta["corrupted"]:
             donor = samples[meta["swapped_from"]]
             assert meta["caption_labels"] == donor["json"]["labels"]
-            assert (
-                donor["json"]["corrupted"] or donor["txt"] == sample["txt"]
-            )  # the donor's own caption
+            assert donor["json"]["corrupted"] or donor["txt"] == sample["txt"]  # the donor's own caption
 
 
-def test_the_cache_key_separates_the_datasets_and_the_noise_kinds(
-    fashion_mnist_dir, tmp_path
-):
+def test_the_cache_key_separates_the_datasets_and_the_noise_kinds(fashion_mnist_dir, tmp_path):
     source, cache = str(fashion_mnist_dir), str(tmp_path)
     folders = {
-        "embedded": FashionMNISTShards(
-            "train", source, cache, noise=0.4, noise_kind="swap"
-        ).directory,
-        "mosaic swap": MosaicShards(
-            "train", source, cache, noise=0.4, noise_kind="swap"
-        ).directory,
-        "mosaic partial": MosaicShards(
-            "train", source, cache, noise=0.4, noise_kind="partial"
-        ).directory,
-        "mosaic flip": MosaicShards(
-            "train", source, cache, noise=0.4, noise_kind="flip"
-        ).directory,
-        "fewer mosaics": MosaicShards(
-            "train", source, cache, noise=0.4, noise_kind="flip", size=100
-        ).directory,
+        "embedded": FashionMNISTShards("train", source, cache, noise=0.4, noise_kind="swap").directory,
+        "mosaic swap": MosaicShards("train", source, cache, noise=0.4, noise_kind="swap").directory,
+        "mosaic partial": MosaicShards("train", source, cache, noise=0.4, noise_kind="partial").directory,
+        "mosaic flip": MosaicShards("train", source, cache, noise=0.4, noise_kind="flip").directory,
+        "fewer mosaics": MosaicShards("train", source, cache, noise=0.4, noise_kind="flip", size=100).directory,
     }
     assert len(set(folders.values())) == len(folders)
-    assert (
-        folders["embedded"].parent.name == "fashion_mnist"
-        and folders["mosaic swap"].parent.name == "fashion_mosaic"
-    )
+    assert folders["embedded"].parent.name == "fashion_mnist" and folders["mosaic swap"].parent.name == "fashion_mosaic"
     # clean captions do not depend on the kind of noise they were spared
     assert (
         MosaicShards("test", source, cache, noise_kind="swap").directory
@@ -145,11 +113,7 @@ def test_the_cache_key_separates_the_datasets_and_the_noise_kinds(
 
 
 # a class name as a caption names it: after its article, so that "a shirt" is not found inside "a t-shirt"
-NAMED = re.compile(
-    r"\ban? ("
-    + "|".join(sorted(map(re.escape, CLASSNAMES), key=len, reverse=True))
-    + r")\b"
-)
+NAMED = re.compile(r"\ban? (" + "|".join(sorted(map(re.escape, CLASSNAMES), key=len, reverse=True)) + r")\b")
 
 
 class FirstTwoItemsOracle:
@@ -170,15 +134,9 @@ class FirstTwoItemsOracle:
         features = torch.zeros(len(images), 4, len(CLASSNAMES))
         for position in range(4):
             rows, columns = divmod(position, 2)
-            tiles = images[
-                :, 0, 28 * rows : 28 * rows + 28, 28 * columns : 28 * columns + 28
-            ].float()
-            band = (
-                tiles.mean(dim=2).unfold(1, 3, 1).mean(dim=2)
-            )  # brightness of every 3-row band
-            features[
-                torch.arange(len(images)), position, (band.argmax(dim=1) - 2) // 2
-            ] = 1
+            tiles = images[:, 0, 28 * rows : 28 * rows + 28, 28 * columns : 28 * columns + 28].float()
+            band = tiles.mean(dim=2).unfold(1, 3, 1).mean(dim=2)  # brightness of every 3-row band
+            features[torch.arange(len(images)), position, (band.argmax(dim=1) - 2) // 2] = 1
         return features.flatten(1)
 
     def encode_text(self, tokens):
@@ -190,17 +148,11 @@ class FirstTwoItemsOracle:
 
 
 def test_retrieval_on_a_tiny_mosaic_set_against_a_hand_count(tmp_path):
-    source = make_fashion_mnist(
-        tmp_path / "idx", test=3
-    )  # three test items, of classes 0, 1, 2
-    evaluation = FashionMosaicEvalSet(
-        str(source), str(tmp_path / "cache"), mosaics=6, retrieval_images=6
-    )
+    source = make_fashion_mnist(tmp_path / "idx", test=3)  # three test items, of classes 0, 1, 2
+    evaluation = FashionMosaicEvalSet(str(source), str(tmp_path / "cache"), mosaics=6, retrieval_images=6)
     suite = EvalSuite({"mosaic": evaluation}, ["zeroshot", "retrieval"], batch_size=4)
     metrics = suite.run(FirstTwoItemsOracle())
-    labels = [
-        sample["json"]["labels"] for sample in read_samples(evaluation.splits["test"])
-    ]
+    labels = [sample["json"]["labels"] for sample in read_samples(evaluation.splits["test"])]
     assert labels == [
         [2, 1, 1, 0],
         [0, 0, 0, 0],

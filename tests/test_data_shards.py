@@ -162,8 +162,11 @@ def test_sizes_from_info_and_img2dataset_stats_files(tmp_path):
 def test_json_caption_field(tmp_path):
     from psdclip.data.writer import write_shards
 
-    write_shards([{"__key__": f"{i:03d}", "jpg": jpeg(i), "json": json.dumps({"caption": f"sample {i}"})}
-                  for i in range(8)], tmp_path, shard_size=4)
+    write_shards(
+        [{"__key__": f"{i:03d}", "jpg": jpeg(i), "json": json.dumps({"caption": f"sample {i}"})} for i in range(8)],
+        tmp_path,
+        shard_size=4,
+    )
     batches, counts = run_rank(datamodule(str(tmp_path), text_key="json:caption", batch_size=4).stream(0, 1))
     assert sorted(i for batch in batches for i in batch) == list(range(8)) and counts.sum() == 0
 
@@ -172,7 +175,9 @@ def test_replacements_repeat_no_sample_while_unused_ones_last(tmp_path):
     # 72 samples, 2 ranks × 4 batches of 8 use 64: 8 unused, 2 per worker, enough for the 2 undecodable samples
     ids = write_set(tmp_path, [8] * 9, undecodable={3, 4})
     for epoch in (0, 1):
-        seen = Counter(i for batches in epoch_ids(datamodule(str(tmp_path)), epoch=epoch) for batch in batches for i in batch)
+        seen = Counter(
+            i for batches in epoch_ids(datamodule(str(tmp_path)), epoch=epoch) for batch in batches for i in batch
+        )
         assert sum(seen.values()) == 64 and max(seen.values()) == 1 and not set(seen) & {3, 4}
         assert set(seen) <= set(ids)
 

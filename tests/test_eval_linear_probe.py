@@ -11,7 +11,9 @@ from psdclip.eval.linear_probe import fit_logistic_regression, linear_probe, sel
 def blobs(n=240, dim=12, classes=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, dim, generator=generator, dtype=torch.float64)
-    labels = (features[:, :classes] + 0.7 * torch.randn(n, classes, generator=generator, dtype=torch.float64)).argmax(dim=1)
+    labels = (features[:, :classes] + 0.7 * torch.randn(n, classes, generator=generator, dtype=torch.float64)).argmax(
+        dim=1
+    )
     return features, labels
 
 

@@ -35,12 +35,14 @@ def test_first_positive_rank_needs_a_positive():
 
 
 def test_classification_metrics_by_hand():
-    logits = torch.tensor([
-        [0.9, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 0: rank 0
-        [0.5, 0.5, 0.2, 0.1, 0.0, 0.0],  # label 1: tied with class 0, which comes first → rank 1
-        [0.5, 0.5, 0.2, 0.1, 0.0, 0.0],  # label 0: rank 0
-        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 0: rank 5, outside the top 5
-    ])
+    logits = torch.tensor(
+        [
+            [0.9, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 0: rank 0
+            [0.5, 0.5, 0.2, 0.1, 0.0, 0.0],  # label 1: tied with class 0, which comes first → rank 1
+            [0.5, 0.5, 0.2, 0.1, 0.0, 0.0],  # label 0: rank 0
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 0: rank 5, outside the top 5
+        ]
+    )
     labels = torch.tensor([0, 1, 0, 0])
     metrics = classification_metrics(logits, labels)
     assert metrics["top1"] == pytest.approx(2 / 4)
@@ -58,7 +60,12 @@ def test_classification_metrics_without_top5_below_five_classes_and_bad_labels()
 
 
 def test_classifier_weights_average_normalised_template_embeddings():
-    table = {"a photo of cat": [3.0, 4.0], "a drawing of cat": [2.0, 0.0], "a photo of dog": [0.0, 5.0], "a drawing of dog": [0.0, 1.0]}
+    table = {
+        "a photo of cat": [3.0, 4.0],
+        "a drawing of cat": [2.0, 0.0],
+        "a photo of dog": [0.0, 5.0],
+        "a drawing of dog": [0.0, 1.0],
+    }
     texts = list(table)
     tokenizer = lambda strings: torch.tensor([texts.index(s) for s in strings])
     encode_text = lambda tokens: torch.tensor([table[texts[i]] for i in tokens.tolist()])
@@ -135,8 +142,10 @@ class FeatureLookup:
 
 
 def test_retrieval_equals_clip_benchmark_on_shared_features():
-    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval",
-                                             reason="the dev dependency clip-benchmark (pip install -e '.[dev]')")
+    zeroshot_retrieval = pytest.importorskip(
+        "clip_benchmark.metrics.zeroshot_retrieval",
+        reason="the dev dependency clip-benchmark (pip install -e '.[dev]')",
+    )
     generator = torch.Generator().manual_seed(0)
     images = F.normalize(torch.randn(60, 16, generator=generator), dim=-1)
     captions_per_image = torch.randint(0, 4, (60,), generator=generator)  # some images have no caption
@@ -145,10 +154,19 @@ def test_retrieval_equals_clip_benchmark_on_shared_features():
     ours = retrieval_metrics(images, texts, text_to_image, ks=(1, 5, 10))
     # CLIP_benchmark's retrieval set holds the captioned images, each with its captions, in batches
     captioned = torch.unique(text_to_image)
-    batches = [(images[captioned[i : i + 8]], [[str(t) for t in (text_to_image == j).nonzero().flatten().tolist()]
-                                                for j in captioned[i : i + 8].tolist()]) for i in range(0, len(captioned), 8)]
-    reference = zeroshot_retrieval.evaluate(FeatureLookup(texts), batches, FeatureLookup(texts).tokenizer, "cpu", amp=False,
-                                            recall_k_list=[1, 5, 10])
+    batches = [
+        (
+            images[captioned[i : i + 8]],
+            [
+                [str(t) for t in (text_to_image == j).nonzero().flatten().tolist()]
+                for j in captioned[i : i + 8].tolist()
+            ],
+        )
+        for i in range(0, len(captioned), 8)
+    ]
+    reference = zeroshot_retrieval.evaluate(
+        FeatureLookup(texts), batches, FeatureLookup(texts).tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
+    )
     for k in (1, 5, 10):
         assert ours[f"t2i_r{k}"] == pytest.approx(reference[f"image_retrieval_recall@{k}"], abs=0.002)
         assert ours[f"i2t_r{k}"] == pytest.approx(reference[f"text_retrieval_recall@{k}"], abs=0.002)

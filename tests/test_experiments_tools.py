@@ -20,12 +20,22 @@ from psdclip.study import aggregate, parse
 from psdclip.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.batch_size=32", "data.num_workers=0", "data.shard_size=100", "trainer.enable_progress_bar=false",
-        "callbacks.media.eval_samples.limit=40", "callbacks.throughput.window_size=2"]
+TINY = [
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "data.shard_size=100",
+    "trainer.enable_progress_bar=false",
+    "callbacks.media.eval_samples.limit=40",
+    "callbacks.throughput.window_size=2",
+]
 
 
 def tiny_paths(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
-    return [f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    return [
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
 
 
 def wandb_records(path: Path):
@@ -58,8 +68,15 @@ def item_keys(items) -> set[str]:
 def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    metrics = train(train_cfg("logger=wandb", "tags=[unit]", "trainer.max_steps=3", "callbacks.media.every_n_steps=2",
-                              "callbacks.media.eval_samples.limit=40"))
+    metrics = train(
+        train_cfg(
+            "logger=wandb",
+            "tags=[unit]",
+            "trainer.max_steps=3",
+            "callbacks.media.every_n_steps=2",
+            "callbacks.media.eval_samples.limit=40",
+        )
+    )
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history, summary, config, runs = set(), {}, set(), []
@@ -73,25 +90,49 @@ def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, t
             config |= item_keys(record.config.update)
         elif kind == "run":
             runs.append(record.run)
-    scalars = {f"train/{name}" for name in ("loss", "loss_hard", "loss_soft", "alpha", "distill_count", "soft_target_entropy",
-                                            "soft_target_diagonal", "logit_scale")}
+    scalars = {
+        f"train/{name}"
+        for name in (
+            "loss",
+            "loss_hard",
+            "loss_soft",
+            "alpha",
+            "distill_count",
+            "soft_target_entropy",
+            "soft_target_diagonal",
+            "logit_scale",
+        )
+    }
     assert scalars | {"lr-AdamW/pg1", "train/device/samples_per_sec", "eval/fashion_mnist/zeroshot_top1"} <= history
-    media = {"media/similarity/_type", "media/soft_targets/_type", "eval/fashion_mnist/confusion_matrix_table/_type",
-             "eval/fashion_mnist/retrieval_text_to_image/_type", "eval/fashion_mnist/retrieval_image_to_text/_type"}
+    media = {
+        "media/similarity/_type",
+        "media/soft_targets/_type",
+        "eval/fashion_mnist/confusion_matrix_table/_type",
+        "eval/fashion_mnist/retrieval_text_to_image/_type",
+        "eval/fashion_mnist/retrieval_image_to_text/_type",
+    }
     assert media <= history
     assert {"model", "loss", "data", "optim", "trainer", "git"} <= config
-    assert float(summary["eval/fashion_mnist/zeroshot_top1"]) == pytest.approx(metrics["eval/fashion_mnist/zeroshot_top1"])
+    assert float(summary["eval/fashion_mnist/zeroshot_top1"]) == pytest.approx(
+        metrics["eval/fashion_mnist/zeroshot_top1"]
+    )
     assert int(summary["final/global_step"]) == 3
     assert runs[0].project == "psdclip" and list(runs[0].tags) == ["unit"] and runs[0].job_type == "train"
     # the same media as files, for CSV/TensorBoard users
     saved = {p.name for p in (tmp_path / "run" / "media").iterdir()}
-    assert {"media_similarity_step0000001.png", "media_soft_targets_step0000003.png",
-            "eval_fashion_mnist_confusion_matrix_step0000003.png", "eval_fashion_mnist_retrieval_text_to_image.md"} <= saved
+    assert {
+        "media_similarity_step0000001.png",
+        "media_soft_targets_step0000003.png",
+        "eval_fashion_mnist_confusion_matrix_step0000003.png",
+        "eval_fashion_mnist_retrieval_text_to_image.md",
+    } <= saved
 
 
 def test_git_state_names_this_checkout_commit():
     state = git_state(ROOT)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     assert state["commit"] == head and isinstance(state["dirty"], bool)
     assert git_state("/") == {}
 
@@ -110,8 +151,15 @@ def test_progress_reporter_follows_the_terminal(monkeypatch):
 @pytest.mark.slow
 def test_log_progress_reports_loss_alpha_and_samples_per_second(train_cfg, caplog):
     caplog.set_level("INFO", logger="psdclip.callbacks.progress")
-    train(train_cfg("trainer.enable_progress_bar=true", "callbacks.progress.style=log", "callbacks.progress.every_n_steps=2",
-                    "trainer.max_steps=4", "callbacks.media.eval_samples=null"))
+    train(
+        train_cfg(
+            "trainer.enable_progress_bar=true",
+            "callbacks.progress.style=log",
+            "callbacks.progress.every_n_steps=2",
+            "trainer.max_steps=4",
+            "callbacks.media.eval_samples=null",
+        )
+    )
     lines = [r.getMessage() for r in caplog.records if r.name == "psdclip.callbacks.progress"]
     assert any("step 4/4" in line for line in lines), lines
     assert all("loss" in line and "alpha" in line for line in lines)
@@ -128,11 +176,26 @@ def test_overrides_parse_to_typed_values_and_swept_keys_are_those_that_vary():
 @pytest.mark.slow
 def test_two_point_multirun_and_report_write_table_and_plot(fashion_mnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2",
-               *tiny_paths(fashion_mnist_dir, tmp_path), *TINY]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "loss.alpha_max=0,0.25",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.max_steps=2",
+        *tiny_paths(fashion_mnist_dir, tmp_path),
+        *TINY,
+    ]
+    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([sys.executable, "-m", "psdclip.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "psdclip.report", str(sweep)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(sweep / "report.csv")
     assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
@@ -178,7 +241,9 @@ def test_study_runs_clean_data_once_and_noisy_data_per_kind(tmp_path):
     clean, noisy = commands(settings, overrides, False, tmp_path)
     for command in (clean, noisy):
         assert "seed=100,101,102" in command and "evaluation.datasets.fashion_mnist.split=val" in command
-    assert "data.noise=0" in clean and "data.noise_kind=flip" in clean and f"hydra.sweep.dir={tmp_path / 'clean'}" in clean
+    assert (
+        "data.noise=0" in clean and "data.noise_kind=flip" in clean and f"hydra.sweep.dir={tmp_path / 'clean'}" in clean
+    )
     assert "data.noise=0.4" in noisy and "data.noise_kind=flip,swap" in noisy
 
 
@@ -195,22 +260,44 @@ def test_study_on_mosaics_runs_their_recipe_with_retrieval_first(tmp_path):
 
 
 def test_study_aggregate_gives_mean_std_and_difference():
-    runs = pd.DataFrame({"method": ["clip", "clip", "psd", "psd"], "kind": ["flip"] * 4, "noise": [0.4] * 4, "seed": [0, 1, 0, 1],
-                         "m": [0.5, 0.7, 0.6, 0.8]})
+    runs = pd.DataFrame(
+        {
+            "method": ["clip", "clip", "psd", "psd"],
+            "kind": ["flip"] * 4,
+            "noise": [0.4] * 4,
+            "seed": [0, 1, 0, 1],
+            "m": [0.5, 0.7, 0.6, 0.8],
+        }
+    )
     row = aggregate(runs, ["m"]).iloc[0]
-    assert row["clip"] == "0.6000 ± 0.1414 (n=2)" and row["psd"] == "0.7000 ± 0.1414 (n=2)" and row["psd − clip"] == "+0.1000"
+    assert (
+        row["clip"] == "0.6000 ± 0.1414 (n=2)"
+        and row["psd"] == "0.7000 ± 0.1414 (n=2)"
+        and row["psd − clip"] == "+0.1000"
+    )
 
 
 @pytest.mark.slow
 def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "psdclip.study", "--quick", "noise=0,0.5", "kinds=flip", "seeds=2", f"out={out}",
-               *tiny_paths(fashion_mnist_dir, tmp_path), "data.shard_size=100"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "psdclip.study",
+        "--quick",
+        "noise=0,0.5",
+        "kinds=flip",
+        "seeds=2",
+        f"out={out}",
+        *tiny_paths(fashion_mnist_dir, tmp_path),
+        "data.shard_size=100",
+    ]
+    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_csv(out / "study.csv")
     assert sorted(zip(runs["method"], runs["noise"], runs["seed"])) == sorted(
-        (m, n, s) for m in ("clip", "psd") for n in (0.0, 0.5) for s in (0, 1))
+        (m, n, s) for m in ("clip", "psd") for n in (0.0, 0.5) for s in (0, 1)
+    )
     table = (out / "study.md").read_text()
     assert "eval/fashion_mnist/zeroshot_top1" in table and "(n=2)" in table and "psd − clip" in table
     # the learning curve's best zero-shot (on val) is reported beside the final one, and D's precision for PSD
@@ -227,7 +314,9 @@ def test_audit_scores_pairs_with_the_doubt_of_the_loss(subset):
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(10, 8, generator=generator), dim=-1)
     text = torch.nn.functional.normalize(image + 0.5 * torch.randn(10, 8, generator=generator), dim=-1)
-    loss = PSDLoss(alpha_max=0.4, schedule="constant", subset=subset, teacher="self", tau_teacher=2.0, outscore_margin=0.5)
+    loss = PSDLoss(
+        alpha_max=0.4, schedule="constant", subset=subset, teacher="self", tau_teacher=2.0, outscore_margin=0.5
+    )
     score = batch_doubt(loss, image, text, scale=10.0)
     logits = 10.0 * image @ text.T / 2.0
     if subset == "doubt":  # 1 − the probability on the own partner
@@ -240,8 +329,13 @@ def test_audit_scores_pairs_with_the_doubt_of_the_loss(subset):
 
 
 def test_audit_quality_against_known_corruption():
-    frame = pd.DataFrame({"score": [0.9, 0.8, 0.6, 0.2, 0.1], "flagged": [True, True, True, False, False],
-                          "corrupted": [True, False, True, False, False]})
+    frame = pd.DataFrame(
+        {
+            "score": [0.9, 0.8, 0.6, 0.2, 0.1],
+            "flagged": [True, True, True, False, False],
+            "corrupted": [True, False, True, False, False],
+        }
+    )
     result = quality(frame)
     assert result["flagged"] == 3 and result["precision"] == pytest.approx(2 / 3) and result["recall"] == 1.0
     assert result["auroc"] == pytest.approx(5 / 6) and result["precision_at_corrupted_count"] == 0.5
@@ -251,12 +345,29 @@ def test_audit_quality_against_known_corruption():
 @pytest.mark.slow
 def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_dir, tmp_path):
     # a tiny model learns the synthetic classes (a bright band per class) from clean captions …
-    train(train_cfg("loss=clip", "data.noise=0", "trainer.max_epochs=100", "trainer.max_steps=60", "optim.lr=3e-3",
-                    "optim.warmup_steps=5", "callbacks.media.eval_samples=null"))
+    train(
+        train_cfg(
+            "loss=clip",
+            "data.noise=0",
+            "trainer.max_epochs=100",
+            "trainer.max_steps=60",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=5",
+            "callbacks.media.eval_samples=null",
+        )
+    )
     # … then audits the same images with 30% of the captions naming a wrong class
-    command = [sys.executable, "-m", "psdclip.audit", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "data.noise=0.3",
-               "data.shard_size=100", *tiny_paths(fashion_mnist_dir, tmp_path), f"hydra.run.dir={tmp_path / 'audit'}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "psdclip.audit",
+        f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        "data.noise=0.3",
+        "data.shard_size=100",
+        *tiny_paths(fashion_mnist_dir, tmp_path),
+        f"hydra.run.dir={tmp_path / 'audit'}",
+    ]
+    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert report["pairs"] == 320 and 60 <= report["corrupted"] <= 130

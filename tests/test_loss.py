@@ -66,7 +66,12 @@ def reference_psd(per_image, teacher, distilled, scope, tau, mix):
 
 @pytest.mark.parametrize(
     "scope,tau,mix,teacher",
-    [("subset", 1.0, 1.0, "self"), ("subset", 0.5, 0.7, "self"), ("batch", 0.5, 1.0, "self"), ("batch", 1.0, 0.6, "ema")],
+    [
+        ("subset", 1.0, 1.0, "self"),
+        ("subset", 0.5, 0.7, "self"),
+        ("batch", 0.5, 1.0, "self"),
+        ("batch", 1.0, 0.6, "ema"),
+    ],
 )
 def test_matches_hand_computation(scope, tau, mix, teacher):
     n, alpha, step = 10, 0.45, 7
@@ -128,7 +133,10 @@ def test_local_rows_give_the_same_loss_as_the_whole_batch():
     per_image, per_text = logits_of(image, text)
     loss = PSDLoss(alpha_max=0.9, **RANDOM)
     whole = loss.from_logits(per_image, per_text, torch.arange(n), 0.5, 11).loss
-    halves = [loss.from_logits(per_image[r], per_text[r], torch.arange(n)[r], 0.5, 11).loss for r in (slice(0, 8), slice(8, 16))]
+    halves = [
+        loss.from_logits(per_image[r], per_text[r], torch.arange(n)[r], 0.5, 11).loss
+        for r in (slice(0, 8), slice(8, 16))
+    ]
     assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)
 
 
@@ -160,13 +168,19 @@ def test_self_teacher_is_detached():
     loss = PSDLoss(alpha_max=0.9, seed=1, **RANDOM)
     loss.from_logits(logits, logits.T, torch.arange(n), 0.5, 0).loss.backward()
     frozen = logits.detach().clone().requires_grad_(True)
-    loss.from_logits(frozen, frozen.T, torch.arange(n), 0.5, 0, teacher_logits=(logits.detach(), logits.detach().T)).loss.backward()
+    loss.from_logits(
+        frozen, frozen.T, torch.arange(n), 0.5, 0, teacher_logits=(logits.detach(), logits.detach().T)
+    ).loss.backward()
     assert torch.allclose(logits.grad, frozen.grad)
 
 
 def test_distill_mask_is_reproducible_and_varies_by_step():
     loss = PSDLoss(alpha_max=0.5, seed=4)
-    first, again, later = loss.distill_mask(100, 0.37, 5), loss.distill_mask(100, 0.37, 5), loss.distill_mask(100, 0.37, 6)
+    first, again, later = (
+        loss.distill_mask(100, 0.37, 5),
+        loss.distill_mask(100, 0.37, 5),
+        loss.distill_mask(100, 0.37, 6),
+    )
     assert first.sum() == 37 and torch.equal(first, again) and not torch.equal(first, later)
     assert not torch.equal(first, PSDLoss(alpha_max=0.5, seed=5).distill_mask(100, 0.37, 5))
 
@@ -211,8 +225,13 @@ def test_doubt_picks_the_planted_corrupted_pairs(teacher):
     teacher_features = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(20.0)}
     # the student is random: D follows the teacher (the student's own logits with the self teacher)
     student = features(16, 32) if teacher == "ema" else (image, text)
-    out = loss(*student, torch.tensor(20.0), step=0, total_steps=10,
-               teacher_features=teacher_features if teacher == "ema" else None)
+    out = loss(
+        *student,
+        torch.tensor(20.0),
+        step=0,
+        total_steps=10,
+        teacher_features=teacher_features if teacher == "ema" else None,
+    )
     assert torch.nonzero(out.distill).flatten().tolist() == list(planted)
 
 
@@ -233,8 +252,14 @@ def test_doubt_with_the_self_teacher_over_the_batch_truncates_the_doubted_pairs(
     assert doubted.sum() == 4
     assert logits.grad[doubted][:, doubted].abs().max() < 1e-7  # no pull between two doubted pairs, either direction
     keep = ~doubted
-    clip_rows = 0.5 * (F.cross_entropy(logits[keep], torch.arange(16)[keep], reduction="sum")
-                       + F.cross_entropy(logits.T[keep], torch.arange(16)[keep], reduction="sum")) / 16
+    clip_rows = (
+        0.5
+        * (
+            F.cross_entropy(logits[keep], torch.arange(16)[keep], reduction="sum")
+            + F.cross_entropy(logits.T[keep], torch.arange(16)[keep], reduction="sum")
+        )
+        / 16
+    )
     (reference,) = torch.autograd.grad(clip_rows, logits)
     torch.testing.assert_close(logits.grad, reference, atol=1e-7, rtol=1e-5)
 
@@ -269,13 +294,26 @@ def test_targets_are_the_ones_the_loss_used(rule):
     image, text = features(n, dtype=torch.float64)
     t_image, t_text = features(n, seed=4, dtype=torch.float64)
     loss = PSDLoss(alpha_max=0.5, schedule="constant", **rule)
-    out = loss(image, text, torch.tensor(10.0, dtype=torch.float64), 3, 10,
-               teacher_features={"image_features": t_image, "text_features": t_text, "logit_scale": torch.tensor(12.0)})
+    out = loss(
+        image,
+        text,
+        torch.tensor(10.0, dtype=torch.float64),
+        3,
+        10,
+        teacher_features={"image_features": t_image, "text_features": t_text, "logit_scale": torch.tensor(12.0)},
+    )
     targets = loss.targets(out)
     assert out.distill.sum() == 6 and torch.allclose(targets.sum(dim=1), torch.ones(n, dtype=torch.float64))
     assert torch.equal(targets[~out.distill], F.one_hot(torch.arange(n), n)[~out.distill].to(targets.dtype))
-    used = direction_loss(out.logits_per_image, out.teacher_logits_per_image, out.labels, out.distill,
-                          loss.scope, loss.tau_teacher, loss.mix)
+    used = direction_loss(
+        out.logits_per_image,
+        out.teacher_logits_per_image,
+        out.labels,
+        out.distill,
+        loss.scope,
+        loss.tau_teacher,
+        loss.mix,
+    )
     by_hand = -(targets * out.logits_per_image.log_softmax(dim=1)).sum(dim=1)
     torch.testing.assert_close(by_hand, used.per_row)
 
@@ -290,7 +328,9 @@ def test_only_the_ema_teacher_of_a_distilling_loss_is_built():
 
 
 def test_unknown_subset_rule_is_refused():
-    with pytest.raises(ValueError, match="unknown subset 'hardest'; choose one of \\(.random., .doubt., .outscored.\\)"):
+    with pytest.raises(
+        ValueError, match="unknown subset 'hardest'; choose one of \\(.random., .doubt., .outscored.\\)"
+    ):
         PSDLoss(subset="hardest")
 
 

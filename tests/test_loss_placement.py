@@ -18,8 +18,12 @@ N, DIM, STEPS = 12, 8, 100
 DEFAULT = {}  # loss=psd: D = the pairs the EMA teacher doubts most, soft targets over the batch
 CLIP = {"alpha_max": 0.0, "schedule": "constant", "teacher": "self"}
 TRUNCATION = {"teacher": "self"}  # doubt-chosen D with the self teacher
-CASES = {"psd-default": (DEFAULT, True), "clip": (CLIP, False), "truncation": (TRUNCATION, False),
-         "psd-subset-scope": ({"scope": "subset", "tau_teacher": 0.5, "mix": 0.8}, True)}
+CASES = {
+    "psd-default": (DEFAULT, True),
+    "clip": (CLIP, False),
+    "truncation": (TRUNCATION, False),
+    "psd-subset-scope": ({"scope": "subset", "tau_teacher": 0.5, "mix": 0.8}, True),
+}
 
 
 def inputs(dtype=torch.float32) -> dict:
@@ -30,19 +34,36 @@ def inputs(dtype=torch.float32) -> dict:
 
     image, text = normalised(), normalised()
     teacher = {"image_features": normalised(), "text_features": normalised(), "logit_scale": torch.tensor(12.0)}
-    return {"image_features": image.requires_grad_(), "text_features": text.requires_grad_(),
-            "logit_scale": torch.tensor(10.0, dtype=dtype, requires_grad=True), "teacher": teacher,
-            "noise_marks": torch.tensor([1, 0, -1] * (N // 3))}
+    return {
+        "image_features": image.requires_grad_(),
+        "text_features": text.requires_grad_(),
+        "logit_scale": torch.tensor(10.0, dtype=dtype, requires_grad=True),
+        "teacher": teacher,
+        "noise_marks": torch.tensor([1, 0, -1] * (N // 3)),
+    }
 
 
 def run(loss: PSDLoss, data: dict, step: int, with_teacher: bool):
-    return loss(data["image_features"], data["text_features"], data["logit_scale"], step, STEPS,
-                data["teacher"] if with_teacher else None, data["noise_marks"])
+    return loss(
+        data["image_features"],
+        data["text_features"],
+        data["logit_scale"],
+        step,
+        STEPS,
+        data["teacher"] if with_teacher else None,
+        data["noise_marks"],
+    )
 
 
 def output_tensors(out) -> dict[str, torch.Tensor]:
-    return {"loss": out.loss, "logits_per_image": out.logits_per_image, "labels": out.labels, "distill": out.distill,
-            "teacher_logits_per_image": out.teacher_logits_per_image, **{f"stats/{k}": v for k, v in out.stats.items()}}
+    return {
+        "loss": out.loss,
+        "logits_per_image": out.logits_per_image,
+        "labels": out.labels,
+        "distill": out.distill,
+        "teacher_logits_per_image": out.teacher_logits_per_image,
+        **{f"stats/{k}": v for k, v in out.stats.items()},
+    }
 
 
 # step 0: alpha = 0, no subset; step 60: a subset D of the batch
@@ -79,5 +100,7 @@ def test_the_loss_is_fp32_under_bf16_autocast(case):
     out.loss.backward()
     assert data["image_features"].grad.dtype == torch.bfloat16 and torch.isfinite(data["image_features"].grad).all()
     # the same value as the fp32 loss of the same (bf16-rounded) features: nothing inside ran in bf16
-    reference = run(PSDLoss(**loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher)
+    reference = run(
+        PSDLoss(**loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher
+    )
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)

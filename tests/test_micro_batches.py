@@ -11,8 +11,15 @@ from tests.helpers.one_step import global_batch, make_module, one_step
 CLIP = {"alpha_max": 0.0, "schedule": "constant"}
 # the default rule (loss=psd) at a constant alpha: D = the pairs (at most half the batch) whose best candidate the EMA
 # teacher scores above their own partner by more than the margin (0.5 here: a random teacher leaves some out)
-PSD_DEFAULT = {"alpha_max": 0.5, "schedule": "constant", "subset": "outscored", "outscore_margin": 0.5, "teacher": "ema",
-               "ema_decay": 0.9, "scope": "batch"}
+PSD_DEFAULT = {
+    "alpha_max": 0.5,
+    "schedule": "constant",
+    "subset": "outscored",
+    "outscore_margin": 0.5,
+    "teacher": "ema",
+    "ema_decay": 0.9,
+    "scope": "batch",
+}
 BATCH = 16
 # (dtype, Lightning precision, tolerance); float64 checks the algebra, float32 what training runs
 PRECISIONS = {"float64": ("64-true", 1e-5), "float32": ("32-true", 1e-4)}
@@ -23,12 +30,18 @@ def assert_same_step(result: dict, reference: dict, tolerance: float) -> None:
     assert torch.equal(result["distill"], reference["distill"]), "D differs from the whole batch's"
     for name, grad in reference["grads"].items():
         assert grad.abs().max() > 0, f"{name}: zero gradient, the test cannot tell"
-        torch.testing.assert_close(result["grads"][name], grad, rtol=tolerance, atol=tolerance * 1e-2,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            result["grads"][name], grad, rtol=tolerance, atol=tolerance * 1e-2, msg=lambda m, name=name: f"{name}: {m}"
+        )
     for group in ("weights", "teacher"):
         for name, value in reference[group].items():
-            torch.testing.assert_close(result[group][name], value, rtol=tolerance, atol=tolerance,
-                                       msg=lambda m, name=name, group=group: f"{group} {name}: {m}")
+            torch.testing.assert_close(
+                result[group][name],
+                value,
+                rtol=tolerance,
+                atol=tolerance,
+                msg=lambda m, name=name, group=group: f"{group} {name}: {m}",
+            )
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

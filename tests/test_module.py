@@ -17,8 +17,15 @@ def tiny_batches(clip, count=4, size=8):
 
 
 def fit(module, batches, **trainer_kwargs):
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return trainer
 

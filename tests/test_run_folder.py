@@ -32,8 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(command: list[str], timeout: float = 1500, **env: str) -> subprocess.CompletedProcess:
     """``command`` in the repository with this checkout's psdclip, its output merged; killed on timeout or error."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
         return subprocess.CompletedProcess(command, process.returncode, output)
@@ -45,8 +52,13 @@ def run(command: list[str], timeout: float = 1500, **env: str) -> subprocess.Com
 
 def tiny_train_overrides(fashion_mnist_dir: Path, tmp: Path) -> list[str]:
     return [
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'logs'}",
-        f"hydra.run.dir={tmp / 'run'}", "data.batch_size=32", "data.num_workers=0", "data.shard_size=100",
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        f"hydra.run.dir={tmp / 'run'}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.shard_size=100",
     ]
 
 
@@ -54,9 +66,17 @@ def tiny_train_overrides(fashion_mnist_dir: Path, tmp: Path) -> list[str]:
 def tiny_run(fashion_mnist_dir, tmp_path_factory) -> tuple[Path, str]:
     """A 2-step train.py run with the rich bar (figures every step) and a checkpoint every step: its folder and output."""
     tmp = tmp_path_factory.mktemp("tiny_run")
-    done = run([sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp), "trainer.max_steps=2",
-                "callbacks.progress.style=rich", "callbacks.progress.every_n_steps=1",
-                "callbacks.model_checkpoint.every_n_train_steps=1"])
+    done = run(
+        [
+            sys.executable,
+            "train.py",
+            *tiny_train_overrides(fashion_mnist_dir, tmp),
+            "trainer.max_steps=2",
+            "callbacks.progress.style=rich",
+            "callbacks.progress.every_n_steps=1",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+        ]
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     return tmp / "run", done.stdout
 
@@ -79,12 +99,18 @@ def test_writing_the_embedded_shards_reports_progress(fashion_mnist_dir, tmp_pat
 def test_evaluation_reports_each_dataset_s_features_and_the_probe_s_search(fashion_mnist_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     dataset = FashionMNISTEvalSet(str(fashion_mnist_dir), str(tmp_path), train_samples=200)
-    suite = EvalSuite({"fashion_mnist": dataset}, ["linear_probe"], batch_size=50,
-                      linear_probe={"log10_range": (-2, 2), "refinements": 1})
+    suite = EvalSuite(
+        {"fashion_mnist": dataset},
+        ["linear_probe"],
+        batch_size=50,
+        linear_probe={"log10_range": (-2, 2), "refinements": 1},
+    )
     suite.run(PixelEncoder())
     assert "fashion_mnist test features: 100 images in" in caplog.text
     assert "fashion_mnist train features: 200 images in" in caplog.text
-    assert caplog.text.count("linear probe: C=") >= 3 and "held-out top-1" in caplog.text and "chosen from" in caplog.text
+    assert (
+        caplog.text.count("linear probe: C=") >= 3 and "held-out top-1" in caplog.text and "chosen from" in caplog.text
+    )
 
 
 class PixelEncoder:
@@ -122,7 +148,15 @@ def test_shard_loader_workers_follow_the_available_cpus(tmp_path):
 
 def test_export_does_not_warn_about_random_weights(tiny_run, tmp_path):
     folder, _ = tiny_run
-    done = run([sys.executable, "-m", "psdclip.export", f"ckpt={folder / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'out'}"])
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "psdclip.export",
+            f"ckpt={folder / 'checkpoints' / 'last.ckpt'}",
+            f"out={tmp_path / 'out'}",
+        ]
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "No pretrained weights loaded" not in done.stdout and "Parsing model identifier" not in done.stdout
 
@@ -146,7 +180,9 @@ def test_summary_and_evaluation_results_sit_at_the_run_root(tiny_run):
 
 
 def test_config_error_reaches_train_log(fashion_mnist_dir, tmp_path):
-    done = run([sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.lr=-1"], timeout=600)
+    done = run(
+        [sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.lr=-1"], timeout=600
+    )
     assert done.returncode == 1 and "error: optim.lr=-1 cannot work" in done.stdout, done.stdout[-3000:]
     assert "error: optim.lr=-1 cannot work" in (tmp_path / "run" / "train.log").read_text()
 
@@ -154,9 +190,17 @@ def test_config_error_reaches_train_log(fashion_mnist_dir, tmp_path):
 def test_evaluate_writes_results_beside_the_checkpoint(tiny_run, fashion_mnist_dir, tmp_path):
     folder, _ = tiny_run
     checkpoint = folder / "checkpoints" / "last.ckpt"
-    done = run([sys.executable, "evaluate.py", f"ckpt={checkpoint}", "evaluation=default",
-                f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-                f"hydra.run.dir={tmp_path / 'eval'}"])
+    done = run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"ckpt={checkpoint}",
+            "evaluation=default",
+            f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ]
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     results = folder / "checkpoints" / "last.eval.json"
     assert json.loads(results.read_text())["ckpt"] == str(checkpoint)
@@ -178,8 +222,16 @@ class RecordingBar(RichProgress):
 
 def test_rich_bar_counts_epochs_from_one(tmp_path):
     bar = RecordingBar(console_kwargs={"file": io.StringIO(), "force_terminal": True})
-    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[bar], logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(BoringModel())
     assert bar.descriptions == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
 

@@ -16,8 +16,15 @@ RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_ra
 DOUBT = {"subset": "doubt", "scope": "batch"}  # D = the pairs the teacher doubts most
 EMA_DOUBT = dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT)
 # the default rule: D = the pairs the teacher confidently places elsewhere (margin 0.5: a random teacher leaves some out)
-EMA_OUTSCORED = dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, subset="outscored", scope="batch",
-                     outscore_margin=0.5)
+EMA_OUTSCORED = {
+    "alpha_max": 0.5,
+    "schedule": "constant",
+    "teacher": "ema",
+    "ema_decay": 0.9,
+    "subset": "outscored",
+    "scope": "batch",
+    "outscore_margin": 0.5,
+}
 CASES = [  # (loss settings, local_loss, micro_batches per rank)
     ({"alpha_max": 0.0, "schedule": "constant"}, False, 1),
     ({"alpha_max": 0.0, "schedule": "constant"}, True, 1),
@@ -34,9 +41,21 @@ CASES = [  # (loss settings, local_loss, micro_batches per rank)
     (EMA_OUTSCORED, False, 2),
     (EMA_OUTSCORED, True, 2),
 ]
-IDS = ["clip", "clip-local", "psd-self", "psd-self-local", "psd-ema", "psd-ema-local", "doubt-ema", "doubt-ema-local",
-       "doubt-self-truncation-local", "outscored-ema", "outscored-ema-local", "outscored-ema-micro-batches",
-       "outscored-ema-local-micro-batches"]
+IDS = [
+    "clip",
+    "clip-local",
+    "psd-self",
+    "psd-self-local",
+    "psd-ema",
+    "psd-ema-local",
+    "doubt-ema",
+    "doubt-ema-local",
+    "doubt-self-truncation-local",
+    "outscored-ema",
+    "outscored-ema-local",
+    "outscored-ema-micro-batches",
+    "outscored-ema-local-micro-batches",
+]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +63,24 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
     torch.set_num_threads(1)
     images, texts = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     for index, (loss_kwargs, local_loss, micro_batches) in enumerate(CASES):
-        result = one_step(make_module(loss_kwargs, local_loss, micro_batches), (images[rows], texts[rows]),
-                          devices=WORLD, strategy=DDPStrategy(process_group_backend="gloo"))
+        result = one_step(
+            make_module(loss_kwargs, local_loss, micro_batches),
+            (images[rows], texts[rows]),
+            devices=WORLD,
+            strategy=DDPStrategy(process_group_backend="gloo"),
+        )
         torch.save(result, os.path.join(out_dir, f"case{index}-rank{rank}.pt"))
 
 
@@ -79,12 +108,17 @@ def test_ddp_step_equals_single_process(ddp_results, index):
         torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
         assert torch.equal(result["distill"], reference["distill"]), "D differs between the ranks and one process"
         full = (WORLD * PER_RANK) // 2  # alpha · N; outscored takes only the pairs past its margin, at least one here
-        assert loss_kwargs["alpha_max"] == 0 or result["distill"].sum() == full or (
-            loss_kwargs.get("subset") == "outscored" and 0 < result["distill"].sum() <= full)
+        assert (
+            loss_kwargs["alpha_max"] == 0
+            or result["distill"].sum() == full
+            or (loss_kwargs.get("subset") == "outscored" and 0 < result["distill"].sum() <= full)
+        )
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             assert grad.abs().max() > 0 or name == "logit_scale", f"{name}: zero gradient, the test cannot tell"
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
         # after the AdamW step (lr 1e-3; eps 1e-4 above gradient rounding: its first step ~ lr·g/(|g| + eps) would
         # otherwise turn a 1e-8 rounding difference in a ~1e-7 gradient into a 1e-5 weight difference)
         for group in ("weights", "teacher"):  # the EMA teacher agrees on every rank

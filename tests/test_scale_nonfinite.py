@@ -25,8 +25,15 @@ class Toy(L.LightningModule):
 
 
 def fit(module: Toy, guard: SkipNonFiniteLoss, steps: int) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[guard])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(torch.arange(1.0, 9.0)[:, None].expand(8, 4), batch_size=None))
     return trainer
 

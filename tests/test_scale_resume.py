@@ -50,14 +50,29 @@ class CrashAfter(L.Callback):
 
 def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None = None):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"paths.log_dir={tmp}/logs", f"paths.output_dir={tmp}/logs/train/runs/{name}", f"paths.cache_dir={tmp}/cache",
-            f"paths.fashion_mnist_dir={fashion}", "~callbacks.evaluation", f"trainer.max_steps={STEPS}",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.batch_size=32",
-            "data.num_workers=0", "data.shuffle_buffer=64", "optim.warmup_steps=3",
-            f"callbacks.model_checkpoint.every_n_train_steps={EVERY}", "loss.teacher=ema", "loss.ema_decay=0.9",
-            "+model.augmentation.scale=[1.0,1.0]", "+model.augmentation.ratio=[1.0,1.0]", *overrides,
-        ])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.log_dir={tmp}/logs",
+                f"paths.output_dir={tmp}/logs/train/runs/{name}",
+                f"paths.cache_dir={tmp}/cache",
+                f"paths.fashion_mnist_dir={fashion}",
+                "~callbacks.evaluation",
+                f"trainer.max_steps={STEPS}",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+                "data.batch_size=32",
+                "data.num_workers=0",
+                "data.shuffle_buffer=64",
+                "optim.warmup_steps=3",
+                f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
+                "loss.teacher=ema",
+                "loss.ema_decay=0.9",
+                "+model.augmentation.scale=[1.0,1.0]",
+                "+model.augmentation.ratio=[1.0,1.0]",
+                *overrides,
+            ],
+        )
     if crash:
         with open_dict(cfg):
             cfg.callbacks.crash = {"_target_": f"{__name__}.CrashAfter", "step": crash}
@@ -70,7 +85,8 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
 
 def curves(run_dir: Path) -> dict[int, tuple[float, float]]:
     """step → (alpha, learning rate) from the CSV log."""
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    with open(run_dir / "csv" / "metrics.csv") as metrics:
+        rows = list(csv.DictReader(metrics))
     alpha = {int(r["step"]): float(r["train/alpha"]) for r in rows if r.get("train/alpha")}
     lr = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")}
     return {step: (alpha[step], lr[step]) for step in alpha.keys() & lr.keys()}
@@ -90,8 +106,10 @@ def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
     assert len({alpha for alpha, _ in expected.values()}) > 3  # alpha ramps, so the check has teeth
 
-    final = {name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=False) for name, path in
-             (("straight", straight), ("resumed", resumed))}
+    final = {
+        name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=False)
+        for name, path in (("straight", straight), ("resumed", resumed))
+    }
     assert final["straight"]["global_step"] == final["resumed"]["global_step"] == STEPS
     for key, value in final["straight"]["state_dict"].items():  # student and EMA teacher
         torch.testing.assert_close(final["resumed"]["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
@@ -104,6 +122,7 @@ def test_ckpt_path_last_picks_newest_run(tmp_path):
         path.parent.mkdir(parents=True)
         torch.save({"global_step": index}, path)  # a complete checkpoint: ckpt_path=last skips broken ones
         import os
+
         os.utime(path, (1000 + index, 1000 + index))
     assert resolve_ckpt_path("last", str(tmp_path), "train") == str(newer)
     assert resolve_ckpt_path(None, str(tmp_path), "train") is None
@@ -139,10 +158,16 @@ def test_partly_written_checkpoint_never_replaces_last(tmp_path, monkeypatch, io
 def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
     from tests.test_scale_ddp import OneBatch, global_batch, make_module
 
-    module = make_module(dict(alpha_max=0.5, teacher="ema", ema_decay=0.9), local_loss=False)
+    module = make_module({"alpha_max": 0.5, "teacher": "ema", "ema_decay": 0.9}, local_loss=False)
     # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=OneBatch(global_batch()))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     out = export(tmp_path / "run.ckpt", tmp_path / "export", weights=weights)
@@ -151,11 +176,14 @@ def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
     source.eval()
     images, texts = global_batch()
     from PIL import Image
+
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
 
     by_dir, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     open_clip.add_model_config(out / "psdclip-vit-tiny.json")
-    by_name, _, _ = open_clip.create_model_and_transforms("psdclip-vit-tiny", pretrained=str(out / "open_clip_model.safetensors"))
+    by_name, _, _ = open_clip.create_model_and_transforms(
+        "psdclip-vit-tiny", pretrained=str(out / "open_clip_model.safetensors")
+    )
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     torch.testing.assert_close(tokenizer(["a shirt"]), module.tokenizer(["a shirt"]))
     torch.testing.assert_close(preprocess(picture), module.eval_transform(picture))

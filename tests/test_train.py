@@ -30,10 +30,20 @@ def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, 
     assert summary["steps"] == 10 and summary["zeroshot_top1"] == metrics["eval/fashion_mnist/zeroshot_top1"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     log = logged(run)
-    for key in ["train/loss", "train/loss_hard", "train/loss_soft", "train/alpha", "train/distill_count",
-                "train/soft_target_entropy", "train/soft_target_diagonal", "train/logit_scale",
-                "lr-AdamW/pg1", "train/device/samples_per_sec", "eval/fashion_mnist/zeroshot_top1",
-                "eval/fashion_mnist/zeroshot_top5"]:
+    for key in [
+        "train/loss",
+        "train/loss_hard",
+        "train/loss_soft",
+        "train/alpha",
+        "train/distill_count",
+        "train/soft_target_entropy",
+        "train/soft_target_diagonal",
+        "train/logit_scale",
+        "lr-AdamW/pg1",
+        "train/device/samples_per_sec",
+        "eval/fashion_mnist/zeroshot_top1",
+        "eval/fashion_mnist/zeroshot_top5",
+    ]:
         assert log[key].notna().any(), key
     alpha = log["train/alpha"].dropna().tolist()
     assert alpha[0] == 0.0 and alpha[-1] == pytest.approx(0.5) and alpha == sorted(alpha)
@@ -52,18 +62,27 @@ def test_clip_and_ema_teacher_variants_train(train_cfg, tmp_path, overrides, met
 @pytest.mark.slow
 def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
     command = [
-        sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25",
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'logs'}", "data.batch_size=32", "data.num_workers=0", "data.shard_size=100",
-        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "evaluation.batch_size=50",
+        sys.executable,
+        "train.py",
+        "-m",
+        "loss.alpha_max=0,0.25",
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.shard_size=100",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "evaluation.batch_size=50",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
     runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("[0-9]*/summary.json"))]
     assert [(r["method"], r["alpha_max"]) for r in runs] == [("clip", 0.0), ("psd", 0.25)]
     assert json.loads((sweep / "summary.json").read_text()) == runs
-    table = result.stdout[result.stdout.index("Multirun summary"):]
+    table = result.stdout[result.stdout.index("Multirun summary") :]
     assert "clip" in table and "psd" in table and "zeroshot_top1" in table
 
 
@@ -87,13 +106,16 @@ def test_unknown_model_name_fails_with_clear_message(train_cfg):
         instantiate(train_cfg("model.name=ViT-Nope").model)
 
 
-@pytest.mark.parametrize("group,options", [
-    ("model", ["vit_tiny", "vit_b32", "vit_b16", "rn50"]),
-    ("trainer", ["cpu", "gpu", "ddp_8gpu"]),
-    ("logger", ["csv", "wandb", "tensorboard"]),
-    ("loss", ["psd", "clip"]),
-    ("data", ["embedded", "cc12m"]),
-])
+@pytest.mark.parametrize(
+    "group,options",
+    [
+        ("model", ["vit_tiny", "vit_b32", "vit_b16", "rn50"]),
+        ("trainer", ["cpu", "gpu", "ddp_8gpu"]),
+        ("logger", ["csv", "wandb", "tensorboard"]),
+        ("loss", ["psd", "clip"]),
+        ("data", ["embedded", "cc12m"]),
+    ],
+)
 def test_every_config_option_composes(group, options):
     for option in options:
         node = compose_train([f"{group}={option}"])[group]

@@ -48,19 +48,34 @@ class EmbeddedEvalSamples:
 
         self.split = FashionMNISTShards("test", source_dir, cache_dir)
         self.classnames, self.limit = CLASSNAMES, limit
-        self.templates = [line.strip() for line in (RESOURCES / "zeroshot_classification_templates.txt").read_text().splitlines() if line.strip()]
+        self.templates = [
+            line.strip()
+            for line in (RESOURCES / "zeroshot_classification_templates.txt").read_text().splitlines()
+            if line.strip()
+        ]
 
     def load(self, transform) -> EvalSamples:
         self.split.ensure()
-        samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(self.split.pattern)), wds.tarfile_to_samples(),
-                                   wds.decode("pil"), wds.to_tuple("png", "cls", "json"), wds.slice(self.limit))
+        samples = wds.DataPipeline(
+            wds.SimpleShardList(expand_shards(self.split.pattern)),
+            wds.tarfile_to_samples(),
+            wds.decode("pil"),
+            wds.to_tuple("png", "cls", "json"),
+            wds.slice(self.limit),
+        )
         originals, labels, captions = [], [], []
         for image, label, meta in samples:
             originals.append(image.convert("RGB"))
             labels.append(int(label))
             captions.append(meta["captions"][0])
-        return EvalSamples(torch.stack([transform(image) for image in originals]), originals, torch.tensor(labels), captions,
-                           self.classnames, self.templates)
+        return EvalSamples(
+            torch.stack([transform(image) for image in originals]),
+            originals,
+            torch.tensor(labels),
+            captions,
+            self.classnames,
+            self.templates,
+        )
 
 
 class MediaCallback(L.Callback):
@@ -75,10 +90,23 @@ class MediaCallback(L.Callback):
         save_dir: folder for the PNG/Markdown copies.
     """
 
-    def __init__(self, every_n_steps: int = 200, max_pairs: int = 32, eval_samples: EmbeddedEvalSamples | None = None,
-                 queries: int = 4, top_k: int = 5, eval_batch_size: int = 500, save_dir: str | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 200,
+        max_pairs: int = 32,
+        eval_samples: EmbeddedEvalSamples | None = None,
+        queries: int = 4,
+        top_k: int = 5,
+        eval_batch_size: int = 500,
+        save_dir: str | None = None,
+    ):
         self.every_n_steps, self.max_pairs = every_n_steps, max_pairs
-        self.eval_samples, self.queries, self.top_k, self.eval_batch_size = eval_samples, queries, top_k, eval_batch_size
+        self.eval_samples, self.queries, self.top_k, self.eval_batch_size = (
+            eval_samples,
+            queries,
+            top_k,
+            eval_batch_size,
+        )
         self.save_dir = Path(save_dir) if save_dir else None
 
     # ---- publishing -------------------------------------------------------------------------------------------
@@ -113,7 +141,11 @@ class MediaCallback(L.Callback):
 
     # ---- every N steps: what the loss saw ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero or (trainer.global_step - 1) % self.every_n_steps or not isinstance(outputs, dict):
+        if (
+            not trainer.is_global_zero
+            or (trainer.global_step - 1) % self.every_n_steps
+            or not isinstance(outputs, dict)
+        ):
             return
         step = outputs["psd"]  # the loss's output of this step: its logits, D and (through the loss) its targets
         k = min(self.max_pairs, len(step.labels))
@@ -121,8 +153,10 @@ class MediaCallback(L.Callback):
         distill = step.distill[rows].cpu()
         alpha = float(step.stats["alpha"])
         title = f"step {trainer.global_step}, alpha {alpha:.3f}, first {k} pairs (D rows marked)"
-        for key, matrix, label in (("media/similarity", step.logits_per_image, "logit"),
-                                   ("media/soft_targets", pl_module.loss.targets(step), "target mass")):
+        for key, matrix, label in (
+            ("media/similarity", step.logits_per_image, "logit"),
+            ("media/soft_targets", pl_module.loss.targets(step), "target mass"),
+        ):
             picture = heatmap(matrix[:k][:, rows].float().cpu().numpy(), distill.numpy(), title, label)
             self._figure(trainer.loggers, key, picture, trainer.global_step)
 
@@ -135,10 +169,23 @@ class MediaCallback(L.Callback):
         pl_module.eval()
         data = self.eval_samples.load(pl_module.eval_transform)
         device, name, step = pl_module.device, self.eval_samples.name, trainer.global_step
-        image_features = torch.cat([pl_module.encode_image(chunk.to(device)).float().cpu() for chunk in data.images.split(self.eval_batch_size)])
-        weights = classifier_weights(pl_module.encode_text, pl_module.tokenizer, data.classnames, data.templates, device).cpu()
-        text_features = torch.cat([pl_module.encode_text(pl_module.tokenizer(data.captions[i : i + self.eval_batch_size]).to(device)).float().cpu()
-                                   for i in range(0, len(data.captions), self.eval_batch_size)])
+        image_features = torch.cat(
+            [
+                pl_module.encode_image(chunk.to(device)).float().cpu()
+                for chunk in data.images.split(self.eval_batch_size)
+            ]
+        )
+        weights = classifier_weights(
+            pl_module.encode_text, pl_module.tokenizer, data.classnames, data.templates, device
+        ).cpu()
+        text_features = torch.cat(
+            [
+                pl_module.encode_text(pl_module.tokenizer(data.captions[i : i + self.eval_batch_size]).to(device))
+                .float()
+                .cpu()
+                for i in range(0, len(data.captions), self.eval_batch_size)
+            ]
+        )
         pl_module.train(was_training)
         predictions = (image_features @ weights.T).argmax(dim=1)
         self._confusion(trainer, f"eval/{name}/confusion_matrix", data.labels, predictions, data.classnames, step)
@@ -146,27 +193,68 @@ class MediaCallback(L.Callback):
         text_rows, image_rows = [], []
         for query in range(min(self.queries, len(data.captions))):
             for rank, match in enumerate(similarity[query].topk(min(self.top_k, len(data.labels))).indices.tolist()):
-                text_rows.append([data.captions[query], rank + 1, data.originals[match], data.classnames[data.labels[match]],
-                                  bool(data.labels[match] == data.labels[query])])
-            for rank, match in enumerate(similarity[:, query].topk(min(self.top_k, len(data.captions))).indices.tolist()):
-                image_rows.append([data.originals[query], data.classnames[data.labels[query]], rank + 1, data.captions[match],
-                                   bool(data.labels[match] == data.labels[query])])
-        self._table(trainer, f"eval/{name}/retrieval_text_to_image", ["query", "rank", "image", "class", "same_class"], text_rows, step)
-        self._table(trainer, f"eval/{name}/retrieval_image_to_text", ["image", "class", "rank", "caption", "same_class"], image_rows, step)
+                text_rows.append(
+                    [
+                        data.captions[query],
+                        rank + 1,
+                        data.originals[match],
+                        data.classnames[data.labels[match]],
+                        bool(data.labels[match] == data.labels[query]),
+                    ]
+                )
+            for rank, match in enumerate(
+                similarity[:, query].topk(min(self.top_k, len(data.captions))).indices.tolist()
+            ):
+                image_rows.append(
+                    [
+                        data.originals[query],
+                        data.classnames[data.labels[query]],
+                        rank + 1,
+                        data.captions[match],
+                        bool(data.labels[match] == data.labels[query]),
+                    ]
+                )
+        self._table(
+            trainer,
+            f"eval/{name}/retrieval_text_to_image",
+            ["query", "rank", "image", "class", "same_class"],
+            text_rows,
+            step,
+        )
+        self._table(
+            trainer,
+            f"eval/{name}/retrieval_image_to_text",
+            ["image", "class", "rank", "caption", "same_class"],
+            image_rows,
+            step,
+        )
 
-    def _confusion(self, trainer, key: str, labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str], step: int) -> None:
+    def _confusion(
+        self, trainer, key: str, labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str], step: int
+    ) -> None:
         counts = np.zeros((len(classnames), len(classnames)), dtype=np.int64)
         np.add.at(counts, (labels.numpy(), predictions.numpy()), 1)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.experiment.log({key: wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=predictions.tolist(),
-                                                                        class_names=classnames), "trainer/global_step": step})
+                logger.experiment.log(
+                    {
+                        key: wandb.plot.confusion_matrix(
+                            y_true=labels.tolist(), preds=predictions.tolist(), class_names=classnames
+                        ),
+                        "trainer/global_step": step,
+                    }
+                )
         figure, axis = plt.subplots(figsize=(7, 6))
         image = axis.imshow(counts, cmap="Blues")
-        axis.set(xticks=range(len(classnames)), yticks=range(len(classnames)), xlabel="predicted", ylabel="true",
-                 title=f"zero-shot confusion ({len(labels)} images, top-1 {np.trace(counts) / counts.sum():.3f})")
+        axis.set(
+            xticks=range(len(classnames)),
+            yticks=range(len(classnames)),
+            xlabel="predicted",
+            ylabel="true",
+            title=f"zero-shot confusion ({len(labels)} images, top-1 {np.trace(counts) / counts.sum():.3f})",
+        )
         axis.set_xticklabels(classnames, rotation=60, ha="right")
         axis.set_yticklabels(classnames)
         figure.colorbar(image)

@@ -30,9 +30,13 @@ def epoch_label(trainer) -> str:
 
 def report_line(trainer, metrics: dict, where: str = "") -> str:
     """One progress line: epoch, step of the total, ``where`` and every metric."""
-    figures = "  ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items())
+    figures = "  ".join(
+        f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items()
+    )
     total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-    return "  ".join(part for part in (epoch_label(trainer), f"step {trainer.global_step}/{total}", where, figures) if part)
+    return "  ".join(
+        part for part in (epoch_label(trainer), f"step {trainer.global_step}/{total}", where, figures) if part
+    )
 
 
 class RichProgress(RichProgressBar):

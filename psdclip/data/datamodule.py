@@ -78,8 +78,10 @@ class ShardDataModule(L.LightningDataModule):
         """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
         batches = self.num_samples() // (self.batch_size * world_size)
         if batches < 1:
-            raise ValueError(f"an epoch of {self.num_samples()} samples gives no full batch of {self.batch_size} "
-                             f"on each of {world_size} rank(s); lower data.batch_size")
+            raise ValueError(
+                f"an epoch of {self.num_samples()} samples gives no full batch of {self.batch_size} "
+                f"on each of {world_size} rank(s); lower data.batch_size"
+            )
         return batches
 
     def stream(self, rank: int = 0, world_size: int = 1, epoch: int = 0) -> ShardStream:
@@ -91,10 +93,20 @@ class ShardDataModule(L.LightningDataModule):
         # shards missing at start-up count once over all ranks (the monitor sums ranks); later ones add to this
         self.skipped[COUNTERS.index("shard_missing")] = len(self.missing_shards) if rank == 0 else 0
         return ShardStream(
-            shards, self.transform, self.tokenizer, self.batch_size, self.num_samples(),
-            upsample=[source.upsample for source in self.sources], rank=rank, world_size=world_size,
-            seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-            image_key=self.image_key, text_key=self.text_key,
+            shards,
+            self.transform,
+            self.tokenizer,
+            self.batch_size,
+            self.num_samples(),
+            upsample=[source.upsample for source in self.sources],
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            image_key=self.image_key,
+            text_key=self.text_key,
         )
 
     def train_dataloader(self) -> EpochLoader:

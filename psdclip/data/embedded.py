@@ -28,7 +28,10 @@ from psdclip.runlog import Progress
 log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "fashion_mnist"
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 FORMAT_VERSION = 2  # bump when the shard contents change for the same settings
 TEST_CAPTIONS_PER_IMAGE = 5
 SPLITS = ("train", "val", "test")
@@ -125,16 +128,28 @@ class FashionMNISTShards:
     def cache_settings(self) -> dict:
         """Every setting that shapes the shards; the cache folder's name carries their hash."""
         sources = [f"{path.name}:{path.stat().st_size}" for path in self.source_files()]
-        return {"split": self.split, "noise": self.noise if self.noisy else 0.0, "noise_kind": self.noise_kind if self.noisy else None,
-                "seed": self.seed, "shard_size": self.shard_size, "rows": list(self.rows), "sources": sources,
-                "templates": CAPTION_TEMPLATES, "generic": GENERIC_CAPTIONS, "classnames": CLASSNAMES, "version": FORMAT_VERSION}
+        return {
+            "split": self.split,
+            "noise": self.noise if self.noisy else 0.0,
+            "noise_kind": self.noise_kind if self.noisy else None,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "rows": list(self.rows),
+            "sources": sources,
+            "templates": CAPTION_TEMPLATES,
+            "generic": GENERIC_CAPTIONS,
+            "classnames": CLASSNAMES,
+            "version": FORMAT_VERSION,
+        }
 
     @cached_property
     def directory(self) -> Path:
         noise = self.noise if self.noisy else 0.0
         digest = hashlib.sha1(json.dumps(self.cache_settings(), sort_keys=True).encode()).hexdigest()[:10]
         kind = f"-{self.noise_kind}" if self.noisy else ""
-        return Path(self.cache_dir) / self.cache_folder / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
+        return (
+            Path(self.cache_dir) / self.cache_folder / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
+        )
 
     def source_files(self) -> tuple[Path, Path]:
         images, labels = IDX_FILES["test" if self.split == "test" else "train"]
@@ -151,7 +166,9 @@ class FashionMNISTShards:
     def rows(self) -> range:
         """The rows the samples are made of: the split's first ``size``."""
         if self.size is not None and self.size > len(self.split_rows):
-            raise ValueError(f"data.train_size={self.size} is more than the {len(self.split_rows)} images of the {self.split} split")
+            raise ValueError(
+                f"data.train_size={self.size} is more than the {len(self.split_rows)} images of the {self.split} split"
+            )
         return self.split_rows[: self.size]
 
     @property
@@ -173,11 +190,17 @@ class FashionMNISTShards:
         images_file, labels_file = self.source_files()
         images, labels = read_idx(images_file), read_idx(labels_file)
         if len(images) != len(labels) or images.ndim != 3:
-            raise ValueError(f"{images_file} and {labels_file} hold {images.shape} images and {len(labels)} labels; "
-                             "expected N×H×W images with N labels")
+            raise ValueError(
+                f"{images_file} and {labels_file} hold {images.shape} images and {len(labels)} labels; "
+                "expected N×H×W images with N labels"
+            )
         if labels.max() >= len(CLASSNAMES):
-            raise ValueError(f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names")
-        log.info("writing %s %s shards (%d samples) to %s", self.cache_folder, self.split, self.num_samples, self.directory)
+            raise ValueError(
+                f"{labels_file} has label {labels.max()}, but there are only {len(CLASSNAMES)} class names"
+            )
+        log.info(
+            "writing %s %s shards (%d samples) to %s", self.cache_folder, self.split, self.num_samples, self.directory
+        )
         progress = Progress(log, f"{self.cache_folder} {self.split} shards", self.num_samples)
         # built in a private folder and renamed into place: concurrent writers (DDP ranks, sweep jobs) never mix,
         # and the first to finish wins
@@ -186,7 +209,9 @@ class FashionMNISTShards:
         rows = np.asarray(self.rows)
         samples = progress.track(self._samples(images[rows], labels[rows]))
         sizes = write_shards(samples, staging, prefix=f"{self.split}-", shard_size=self.shard_size)
-        (staging / "manifest.json").write_text(json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1))
+        (staging / "manifest.json").write_text(
+            json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1)
+        )
         try:
             staging.rename(self.directory)
         except OSError:
@@ -199,8 +224,12 @@ class FashionMNISTShards:
         rng = np.random.default_rng(self.seed)
         corrupted = rng.random(len(labels)) < (self.noise if self.noisy else 0.0)
         # the clean captions first, so a swapped caption is another image's own caption
-        templates = np.stack([rng.choice(len(CAPTION_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False) for _ in labels])
-        captions = [[CAPTION_TEMPLATES[t].format(c=CLASSNAMES[label]) for t in row] for label, row in zip(labels, templates)]
+        templates = np.stack(
+            [rng.choice(len(CAPTION_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False) for _ in labels]
+        )
+        captions = [
+            [CAPTION_TEMPLATES[t].format(c=CLASSNAMES[label]) for t in row] for label, row in zip(labels, templates)
+        ]
         caption_labels, donors = labels.astype(np.int64), np.full(len(labels), -1)
         wrong = np.flatnonzero(corrupted)
         if self.noise_kind == "flip":
@@ -220,7 +249,11 @@ class FashionMNISTShards:
             for index in wrong:
                 captions[index][0] = GENERIC_CAPTIONS[rng.integers(len(GENERIC_CAPTIONS))]
         for index, (image, label) in enumerate(zip(images, labels)):
-            meta = {"label": int(label), "caption_label": int(caption_labels[index]), "corrupted": bool(corrupted[index])}
+            meta = {
+                "label": int(label),
+                "caption_label": int(caption_labels[index]),
+                "corrupted": bool(corrupted[index]),
+            }
             if self.noise_kind == "swap" and corrupted[index]:
                 meta["swapped_from"] = int(donors[index])
             if self.split != "train":
@@ -243,10 +276,27 @@ class EmbeddedDataModule(ShardDataModule):
 
     shards_class: ClassVar[type[FashionMNISTShards]] = FashionMNISTShards
 
-    def __init__(self, source_dir: str, cache_dir: str, noise: float = 0.3, noise_kind: str = "flip", train_size: int | None = None,
-                 shard_size: int = 5000, seed: int = 0, **kwargs):
-        self.shards = self.shards_class("train", source_dir, cache_dir, noise=noise, noise_kind=noise_kind, seed=seed,
-                                        shard_size=shard_size, size=train_size)
+    def __init__(
+        self,
+        source_dir: str,
+        cache_dir: str,
+        noise: float = 0.3,
+        noise_kind: str = "flip",
+        train_size: int | None = None,
+        shard_size: int = 5000,
+        seed: int = 0,
+        **kwargs,
+    ):
+        self.shards = self.shards_class(
+            "train",
+            source_dir,
+            cache_dir,
+            noise=noise,
+            noise_kind=noise_kind,
+            seed=seed,
+            shard_size=shard_size,
+            size=train_size,
+        )
         super().__init__(train_shards=self.shards.pattern, seed=seed, **kwargs)
         self.noise, self.noise_kind = noise, noise_kind
 

@@ -75,7 +75,11 @@ def table_pairs(table: Path, image_column: str, caption_column: str) -> Iterator
         path = Path(str(row[image_column]))
         caption = row[caption_column]
         fields = {"txt": caption.encode("utf-8", "surrogateescape")} if isinstance(caption, str) else {}
-        yield (path if path.is_absolute() else table.parent / path), {"__key__": f"{table} row {index}", **fields}, "txt"
+        yield (
+            (path if path.is_absolute() else table.parent / path),
+            {"__key__": f"{table} row {index}", **fields},
+            "txt",
+        )
 
 
 def samples(pairs: Iterator[Pair], skipped: Counter, first_key: int = 0) -> Iterator[dict]:
@@ -94,7 +98,7 @@ def samples(pairs: Iterator[Pair], skipped: Counter, first_key: int = 0) -> Iter
                 size = image.size
                 if extension is None:
                     data, extension = encode_image(image.convert("RGB"), "jpg"), "jpg"
-        except Exception as exn:  # missing file, unknown format, truncated bytes
+        except Exception as exn:  # noqa: BLE001 - missing file, unknown format, truncated bytes
             skipped["image unreadable"] += 1
             log.warning("skipping %s: %r", path, exn)
             continue
@@ -104,8 +108,11 @@ def samples(pairs: Iterator[Pair], skipped: Counter, first_key: int = 0) -> Iter
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(prog="python -m psdclip.data.make_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m psdclip.data.make_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", type=Path, help="folder of images with captions, or a .csv/.tsv/.parquet table")
     parser.add_argument("out_dir", type=Path, help="folder for the shards and sizes.json")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (img2dataset's default)")
@@ -113,8 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--caption-column", default="caption")
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="delete the shards and sizes.json out_dir holds first")
-    existing.add_argument("--append", action="store_true", help="number the new shards (and keys) after those out_dir holds")
+    existing.add_argument(
+        "--overwrite", action="store_true", help="delete the shards and sizes.json out_dir holds first"
+    )
+    existing.add_argument(
+        "--append", action="store_true", help="number the new shards (and keys) after those out_dir holds"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -126,8 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         raise SystemExit(f"{args.source} is neither a folder nor a table file")
     first_shard, first_key = prepare_output(args.out_dir, args.prefix, args.overwrite, args.append)
     skipped: Counter = Counter()
-    sizes = write_shards(samples(pairs, skipped, first_key), args.out_dir, prefix=args.prefix,
-                         shard_size=args.shard_size, first_shard=first_shard)
+    sizes = write_shards(
+        samples(pairs, skipped, first_key),
+        args.out_dir,
+        prefix=args.prefix,
+        shard_size=args.shard_size,
+        first_shard=first_shard,
+    )
     written = sum(sizes.values())
     if not written:
         raise SystemExit(f"no usable image–caption pair found in {args.source} (skipped: {dict(skipped) or 'none'})")
@@ -146,8 +162,10 @@ def prepare_output(out_dir: Path, prefix: str, overwrite: bool, append: bool) ->
     with them, since new shards among old ones would replace some and leave stale ones beside them."""
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
     if entries and not (overwrite or append):
-        raise SystemExit(f"{out_dir} is not empty (it holds {len(entries)} entries, e.g. {entries[0].name}): add --overwrite "
-                         "to delete its shards and sizes.json first, or --append to add shards after them")
+        raise SystemExit(
+            f"{out_dir} is not empty (it holds {len(entries)} entries, e.g. {entries[0].name}): add --overwrite "
+            "to delete its shards and sizes.json first, or --append to add shards after them"
+        )
     if overwrite:
         for path in [*out_dir.glob("*.tar"), out_dir / SIZES_FILE]:
             path.unlink(missing_ok=True)

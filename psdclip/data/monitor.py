@@ -48,4 +48,6 @@ class DataQualityMonitor(L.Callback):
         self.at_epoch_start = totals.clone()
         if trainer.is_global_zero and epoch.sum() > 0:
             found = ", ".join(f"{count} {name}" for name, count in zip(COUNTERS, epoch.tolist()) if count)
-            log.warning("epoch %d: the data stream skipped bad data and read replacements: %s", trainer.current_epoch, found)
+            log.warning(
+                "epoch %d: the data stream skipped bad data and read replacements: %s", trainer.current_epoch, found
+            )

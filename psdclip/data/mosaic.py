@@ -27,9 +27,7 @@ from psdclip.data.writer import encode_image
 
 MOSAIC_TEMPLATES = read_lines(RESOURCES / "mosaic_caption_templates.txt")
 ITEMS = 4  # a 2×2 grid, in reading order
-MOSAIC_FORMAT_VERSION = (
-    1  # bump when the mosaic shard contents change for the same settings
-)
+MOSAIC_FORMAT_VERSION = 1  # bump when the mosaic shard contents change for the same settings
 # what a wrong caption is: one item named as another class (a partial correspondence, the commonest web caption
 # error), another mosaic's caption, or every item named as another class
 MOSAIC_NOISE_KINDS = ("partial", "swap", "flip")
@@ -41,9 +39,7 @@ def with_article(classname: str) -> str:
 
 def mosaic_caption(template: str, labels) -> str:
     """``template`` naming the classes ``labels`` in reading order (slots ``{a}``…``{d}``)."""
-    return template.format(
-        **{slot: with_article(CLASSNAMES[label]) for slot, label in zip("abcd", labels)}
-    )
+    return template.format(**{slot: with_article(CLASSNAMES[label]) for slot, label in zip("abcd", labels)})
 
 
 def tile(items: np.ndarray) -> np.ndarray:
@@ -95,12 +91,7 @@ class MosaicShards(FashionMNISTShards):
         mosaic_labels = labels[items].astype(np.int64)
         corrupted = rng.random(count) < (self.noise if self.noisy else 0.0)
         templates = np.stack(
-            [
-                rng.choice(
-                    len(MOSAIC_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False
-                )
-                for _ in range(count)
-            ]
+            [rng.choice(len(MOSAIC_TEMPLATES), TEST_CAPTIONS_PER_IMAGE, replace=False) for _ in range(count)]
         )
         caption_labels, donors = (
             mosaic_labels.copy(),
@@ -109,47 +100,32 @@ class MosaicShards(FashionMNISTShards):
         wrong = np.flatnonzero(corrupted)
         if self.noise_kind == "partial":
             positions = rng.integers(ITEMS, size=len(wrong))
-            caption_labels[wrong, positions] = other_classes(
-                mosaic_labels[wrong, positions], rng
-            )
+            caption_labels[wrong, positions] = other_classes(mosaic_labels[wrong, positions], rng)
         elif self.noise_kind == "flip":
             caption_labels[wrong] = other_classes(mosaic_labels[wrong], rng)
         else:
             donors[wrong] = rng.integers(count, size=len(wrong))
             # redraw donors with the very same four classes, so that every swapped caption is wrong somewhere
-            while len(
-                same := wrong[
-                    (mosaic_labels[donors[wrong]] == mosaic_labels[wrong]).all(axis=1)
-                ]
-            ):
+            while len(same := wrong[(mosaic_labels[donors[wrong]] == mosaic_labels[wrong]).all(axis=1)]):
                 donors[same] = rng.integers(count, size=len(same))
             caption_labels[wrong] = mosaic_labels[donors[wrong]]
         for index in range(count):
             # a swapped caption is the donor's own first caption: its template and its classes
-            caption = mosaic_caption(
-                MOSAIC_TEMPLATES[templates[donors[index], 0]], caption_labels[index]
-            )
+            caption = mosaic_caption(MOSAIC_TEMPLATES[templates[donors[index], 0]], caption_labels[index])
             meta = {
                 "labels": mosaic_labels[index].tolist(),
                 "caption_labels": caption_labels[index].tolist(),
-                "wrong_positions": np.flatnonzero(
-                    caption_labels[index] != mosaic_labels[index]
-                ).tolist(),
+                "wrong_positions": np.flatnonzero(caption_labels[index] != mosaic_labels[index]).tolist(),
                 "corrupted": bool(corrupted[index]),
                 "items": [self.rows[item] for item in items[index]],
             }
             if self.noise_kind == "swap" and corrupted[index]:
                 meta["swapped_from"] = int(donors[index])
             if self.split != "train":
-                meta["captions"] = [
-                    mosaic_caption(MOSAIC_TEMPLATES[t], mosaic_labels[index])
-                    for t in templates[index]
-                ]
+                meta["captions"] = [mosaic_caption(MOSAIC_TEMPLATES[t], mosaic_labels[index]) for t in templates[index]]
             yield {
                 "__key__": f"{index:06d}",
-                "png": encode_image(
-                    Image.fromarray(tile(images[items[index]]), mode="L")
-                ),
+                "png": encode_image(Image.fromarray(tile(images[items[index]]), mode="L")),
                 "txt": caption,
                 "cls": str(mosaic_labels[index, 0]),
                 "json": json.dumps(meta),

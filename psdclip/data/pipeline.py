@@ -63,8 +63,10 @@ def distinct_batches(items: Iterator[Decoded], batch_size: int) -> Iterator[list
             if item.key in keys:
                 waiting.append(item)
                 if len(waiting) > most_waiting:
-                    raise RuntimeError(f"the stream holds fewer than {batch_size} distinct samples to fill a batch; "
-                                       "lower data.batch_size or add data")
+                    raise RuntimeError(
+                        f"the stream holds fewer than {batch_size} distinct samples to fill a batch; "
+                        "lower data.batch_size or add data"
+                    )
                 continue
             batch.append(item)
             keys.add(item.key)
@@ -116,8 +118,10 @@ class ShardStream(IterableDataset):
         if not resampled and any(factor != round(factor) for factor in upsample):
             raise ValueError(f"upsample factors {upsample} must be whole numbers unless data.resampled=true")
         if not resampled and num_samples > self.available:
-            raise ValueError(f"an epoch of {num_samples} samples is more than the {self.available} the shards hold; "
-                             "lower data.train_num_samples or set data.resampled=true")
+            raise ValueError(
+                f"an epoch of {num_samples} samples is more than the {self.available} the shards hold; "
+                "lower data.train_num_samples or set data.resampled=true"
+            )
         self.transform, self.tokenizer = transform, tokenizer
         self.batch_size, self.num_samples = batch_size, num_samples
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -149,10 +153,14 @@ class ShardStream(IterableDataset):
             if len(batch) < self.batch_size:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker} found only {produced + len(batch)} readable samples of the "
-                    f"{quota} it needs in epoch {epoch}, even reading every shard; see the warnings above")
+                    f"{quota} it needs in epoch {epoch}, even reading every shard; see the warnings above"
+                )
             counter.add("refilled", "", count=sum(item.refill for item in batch))  # counted when delivered
-            images, captions, marks = (torch.stack([item.image for item in batch]), [item.caption for item in batch],
-                                       torch.tensor([item.mark for item in batch], dtype=torch.int8))
+            images, captions, marks = (
+                torch.stack([item.image for item in batch]),
+                [item.caption for item in batch],
+                torch.tensor([item.mark for item in batch], dtype=torch.int8),
+            )
             yield images, self.tokenizer(captions), counter.take(), marks
 
     def _stretches(self, epoch: int, worker: int, workers: int, quota: int, counter: SkipCounter):
@@ -160,8 +168,9 @@ class ShardStream(IterableDataset):
         order = plan.epoch_order(self.sizes, self.repeats, self.seed, epoch, self.shuffle)
         start = plan.worker_start(self.batches, self.batch_size, self.rank, workers, worker)
         used = self.batches * self.batch_size * self.world_size
-        ranges = plan.refill_ranges(used, self.available, (start, quota), self.world_size * workers,
-                                    self.rank * workers + worker)
+        ranges = plan.refill_ranges(
+            used, self.available, (start, quota), self.world_size * workers, self.rank * workers + worker
+        )
         spare_pieces = [piece for begin, length in ranges for piece in plan.segments(order, self.sizes, begin, length)]
         own = read_segments(self.urls, self.listed_sizes, plan.segments(order, self.sizes, start, quota), counter.add)
         spare = read_segments(self.urls, self.listed_sizes, spare_pieces, ignore)
@@ -173,7 +182,9 @@ class ShardStream(IterableDataset):
         while empty_in_a_row < max(100, 2 * len(self.urls)):
             shard = rng.choices(range(len(self.urls)), weights=self.weights)[0]
             read = 0
-            for read, sample in enumerate(shard_samples(self.urls[shard], 0, 1 << 62, counter.add, self.listed_sizes[shard]), 1):
+            for read, sample in enumerate(
+                shard_samples(self.urls[shard], 0, 1 << 62, counter.add, self.listed_sizes[shard]), 1
+            ):
                 yield sample
             empty_in_a_row = 0 if read else empty_in_a_row + 1
         # ends the stream; __iter__ then says how few samples it found
@@ -188,14 +199,16 @@ class ShardStream(IterableDataset):
                 caption = caption_of(sample, self.text_key)
                 try:
                     image = self.transform(image)
-                except Exception as exn:  # a transform that fails on one odd image must not end the run
+                except Exception as exn:  # noqa: BLE001 - a transform that fails on one odd image must not end the run
                     raise BadSample("transform_failed", f"{sample['__key__']}: {exn!r}") from None
             except BadSample as bad:
                 report(bad.kind, sample["__url__"], bad.detail)
                 in_a_row += 1
                 if in_a_row >= MAX_CONSECUTIVE_SKIPS:
-                    raise RuntimeError(f"{in_a_row} samples in a row were unusable (last: {bad}); check "
-                                       "data.image_key / data.text_key and the shards") from None
+                    raise RuntimeError(
+                        f"{in_a_row} samples in a row were unusable (last: {bad}); check "
+                        "data.image_key / data.text_key and the shards"
+                    ) from None
                 continue
             in_a_row = 0
             yield Decoded(image, caption, noise_mark(sample), (sample["__url__"], sample["__key__"]), refill)

@@ -13,6 +13,7 @@ then the rest of the epoch. Shares are disjoint, so replacements repeat no sampl
 unused share lasts; a repeated one comes from the worker's own stretch, never from one all workers share. The
 stream never puts the same sample twice in one batch (``pipeline``).
 """
+
 import bisect
 import random
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ def refill_ranges(used: int, available: int, stretch: tuple[int, int], slots: in
     share, the rest of the unused positions, its own ``stretch`` (start, length), then every other used position."""
     share_start, share_length = unused_share(used, available, slots, slot)
     share_end, (own_start, own_length) = share_start + share_length, stretch
-    ranges = [(share_start, share_length), (share_end, available - share_end), (used, share_start - used),
-              (own_start, own_length), (own_start + own_length, used - own_start - own_length), (0, own_start)]
+    ranges = [
+        (share_start, share_length),
+        (share_end, available - share_end),
+        (used, share_start - used),
+        (own_start, own_length),
+        (own_start + own_length, used - own_start - own_length),
+        (0, own_start),
+    ]
     return [(start, length) for start, length in ranges if length > 0]

@@ -84,8 +84,12 @@ class SkipWarnings:
         for kind, url, detail in notes:
             if (url, kind) not in self.warned:
                 self.warned.add((url, kind))
-                log.warning("skipping %s in shard %s (%s); further ones of this kind in this shard are counted only",
-                            kind.replace("_", " "), url, detail)
+                log.warning(
+                    "skipping %s in shard %s (%s); further ones of this kind in this shard are counted only",
+                    kind.replace("_", " "),
+                    url,
+                    detail,
+                )
 
 
 def ignore(kind: str, url: str, detail: str = "", count: int = 1) -> None:
@@ -118,8 +122,12 @@ def shard_samples(url: str, skip: int, take: int, report: Callable, listed: int 
                 if sample is not None and (key != sample["__key__"] or extension.lower() in sample):
                     finished, sample, index = sample, None, index + 1
                     if index == listed == end:  # reported before the last yield: the consumer may stop after it
-                        report("shard_overfull", url, f"the tar holds more than the {listed} samples its size file "
-                               "lists; the rest are never read: correct the size file")
+                        report(
+                            "shard_overfull",
+                            url,
+                            f"the tar holds more than the {listed} samples its size file "
+                            "lists; the rest are never read: correct the size file",
+                        )
                     if index - 1 >= skip:
                         yield finished
                     if index >= end:
@@ -178,7 +186,7 @@ def image_of(sample: dict, image_keys: tuple[str, ...]) -> Image.Image:
     try:
         with Image.open(io.BytesIO(sample[extension])) as image:
             return image.convert("RGB")  # forces the full decode, so truncation shows here
-    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError …
+    except Exception as exn:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError …
         raise BadSample("image_undecodable", f"{sample['__key__']}.{extension}: {exn!r}") from None
 
 

@@ -130,11 +130,17 @@ def resolve(sources: list[ShardSource]) -> tuple[list[Shard], list[str]]:
         absent = [url for url in urls if is_local(url) and not Path(url).is_file()]
         urls = [url for url in urls if url not in set(absent)]
         if not urls:
-            raise FileNotFoundError(f"source {source.name!r}: none of the {len(absent)} shards of {source.urls!r} "
-                                    f"exist, e.g. {absent[0]}")
+            raise FileNotFoundError(
+                f"source {source.name!r}: none of the {len(absent)} shards of {source.urls!r} exist, e.g. {absent[0]}"
+            )
         if absent:
-            log.warning("source %r: %d of %d shards are missing and left out, e.g. %s",
-                        source.name, len(absent), len(absent) + len(urls), absent[0])
+            log.warning(
+                "source %r: %d of %d shards are missing and left out, e.g. %s",
+                source.name,
+                len(absent),
+                len(absent) + len(urls),
+                absent[0],
+            )
         missing += absent
         sizes = local_shard_sizes(urls)
         listed = len(sizes) == len(urls)
@@ -144,10 +150,15 @@ def resolve(sources: list[ShardSource]) -> tuple[list[Shard], list[str]]:
                 raise ValueError(
                     f"source {source.name!r}: no size file (sizes.json, _info.json, <shard>_stats.json) lists "
                     f"{len(urls) - len(sizes)} of its {len(urls)} shards, e.g. {unknown}; set its num_samples "
-                    "(data.train_num_samples for a single source) or write sizes.json")
+                    "(data.train_num_samples for a single source) or write sizes.json"
+                )
             share, extra = divmod(source.num_samples, len(urls))
             sizes = {url: share + (i < extra) for i, url in enumerate(urls)}
-            log.info("source %r: no size file, assuming %d samples spread evenly over %d shards",
-                     source.name, source.num_samples, len(urls))
+            log.info(
+                "source %r: no size file, assuming %d samples spread evenly over %d shards",
+                source.name,
+                source.num_samples,
+                len(urls),
+            )
         shards += [Shard(url, sizes[url], index, listed=listed) for url in urls]
     return shards, missing

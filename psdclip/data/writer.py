@@ -18,8 +18,9 @@ def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "", shard_size: int = 5000,
-                 first_shard: int = 0) -> dict[str, int]:
+def write_shards(
+    samples: Iterable[dict], out_dir: str | Path, prefix: str = "", shard_size: int = 5000, first_shard: int = 0
+) -> dict[str, int]:
     """Write ``samples`` (webdataset dicts with ``__key__``) to ``out_dir/{prefix}{000000..}.tar``, numbered from
     ``first_shard``.
 
@@ -64,7 +65,9 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "",
 def shard_numbers(out_dir: str | Path, prefix: str = "") -> list[int]:
     """The numbers of the shards named ``{prefix}NNNNNN.tar`` in ``out_dir``, as ``write_shards`` names them."""
     names = (path.name for path in Path(out_dir).glob(f"{glob.escape(prefix)}*.tar"))
-    return sorted(int(digits) for name in names if len(digits := name[len(prefix):-len(".tar")]) == 6 and digits.isdigit())
+    return sorted(
+        int(digits) for name in names if len(digits := name[len(prefix) : -len(".tar")]) == 6 and digits.isdigit()
+    )
 
 
 def shard_pattern(out_dir: str | Path, prefix: str, last: int) -> str:

@@ -20,8 +20,9 @@ class EvaluationCallback(L.Callback):
     reads the metric it returns to sweepers) and, from rank 0, to ``results_file`` as JSON.
     """
 
-    def __init__(self, suite: EvalSuite, every_n_epochs: int | None = None, results_file: str | None = None,
-                 at_end: bool = True):
+    def __init__(
+        self, suite: EvalSuite, every_n_epochs: int | None = None, results_file: str | None = None, at_end: bool = True
+    ):
         self.suite, self.every_n_epochs, self.results_file, self.at_end = suite, every_n_epochs, results_file, at_end
         self.results: dict[str, float] = {}
 

@@ -75,27 +75,39 @@ class EvalSet:
         tasks = {"zeroshot"} if self.templates_file and self.templates_file.is_file() else set()
         return tasks | ({"linear_probe"} if self.has_split("train") else set())
 
-    def batches(self, split: str, transform: Callable, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Iterable[Batch]:
+    def batches(
+        self, split: str, transform: Callable, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Batch]:
         raise NotImplementedError
 
 
 class WdsEvalSet(EvalSet):
     """A folder in CLIP_benchmark's webdataset layout::
 
-        root/{test,train}/*.tar   samples: an image (webp/png/jpg/jpeg) and ``cls``, or for retrieval ``txt``
-                                  with one caption per line
-        root/classnames.txt, root/zeroshot_classification_templates.txt (templates use ``{c}``)
-        root/dataset_type.txt     "retrieval" for image–text sets (or set ``retrieval``)
+    root/{test,train}/*.tar   samples: an image (webp/png/jpg/jpeg) and ``cls``, or for retrieval ``txt``
+                              with one caption per line
+    root/classnames.txt, root/zeroshot_classification_templates.txt (templates use ``{c}``)
+    root/dataset_type.txt     "retrieval" for image–text sets (or set ``retrieval``)
     """
 
-    def __init__(self, root: str, classnames_file: str | None = None, templates_file: str | None = None, retrieval: bool | None = None):
+    def __init__(
+        self,
+        root: str,
+        classnames_file: str | None = None,
+        templates_file: str | None = None,
+        retrieval: bool | None = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"evaluation dataset folder not found: {self.root}")
         self.classnames_file = resolve_file(classnames_file, self.root / "classnames.txt")
         self.templates_file = resolve_file(templates_file, self.root / "zeroshot_classification_templates.txt")
         type_file = self.root / "dataset_type.txt"
-        self.retrieval = retrieval if retrieval is not None else type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
+        self.retrieval = (
+            retrieval
+            if retrieval is not None
+            else type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
+        )
 
     def has_split(self, split: str) -> bool:
         return (self.root / split).is_dir()
@@ -111,18 +123,39 @@ class WdsEvalSet(EvalSet):
         def convert(sample: dict) -> tuple:
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             if key is None:
-                raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no image ({'/'.join(IMAGE_KEYS)})")
+                raise ValueError(
+                    f"sample {sample['__key__']} in {sample['__url__']} has no image ({'/'.join(IMAGE_KEYS)})"
+                )
             captions = sample.get("txt", "").splitlines() if self.retrieval else []
             return transform(sample[key]), int(sample.get("cls", -1)), [c for c in captions if c.strip()]
+
         return convert
 
-    def pipeline(self, shards: list[str], transform: Callable, batch_size: int, rank: int, world_size: int, keep: Callable | None = None) -> wds.DataPipeline:
-        stages = [wds.SimpleShardList(shards[rank::world_size] if len(shards) >= world_size else shards), wds.split_by_worker, wds.tarfile_to_samples()]
+    def pipeline(
+        self,
+        shards: list[str],
+        transform: Callable,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        keep: Callable | None = None,
+    ) -> wds.DataPipeline:
+        stages = [
+            wds.SimpleShardList(shards[rank::world_size] if len(shards) >= world_size else shards),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+        ]
         if len(shards) < world_size:  # too few shards to give each rank its own: split samples instead
-            stages.append(wds.select(lambda s: zlib.crc32(f"{s['__url__']}/{s['__key__']}".encode()) % world_size == rank))
+            stages.append(
+                wds.select(lambda s: zlib.crc32(f"{s['__url__']}/{s['__key__']}".encode()) % world_size == rank)
+            )
         if keep is not None:
             stages.append(wds.select(keep))
-        stages += [wds.decode("pilrgb"), wds.map(self._sample(transform)), wds.batched(batch_size, collation_fn=collate, partial=True)]
+        stages += [
+            wds.decode("pilrgb"),
+            wds.map(self._sample(transform)),
+            wds.batched(batch_size, collation_fn=collate, partial=True),
+        ]
         return wds.DataPipeline(*stages)
 
     def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
@@ -157,13 +190,20 @@ class ImageFolderEvalSet(EvalSet):
             return [name.replace("_", " ") for name in folders]
         names = read_lines(self.classnames_file)
         if len(names) != len(folders):
-            raise ValueError(f"{self.classnames_file} lists {len(names)} class names but {self.folder('test')} has {len(folders)} class folders")
+            raise ValueError(
+                f"{self.classnames_file} lists {len(names)} class names but {self.folder('test')} has {len(folders)} class folders"
+            )
         return names
 
     def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
         dataset = ImageFolder(str(self.folder(split)), transform=transform)
         share = Subset(dataset, range(rank, len(dataset), world_size))
-        return DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda s: collate([(x, y, []) for x, y in s]))
+        return DataLoader(
+            share,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=lambda s: collate([(x, y, []) for x, y in s]),
+        )
 
 
 class FashionMNISTEvalSet(WdsEvalSet):
@@ -175,7 +215,14 @@ class FashionMNISTEvalSet(WdsEvalSet):
     trains on the first ``train_samples`` images of the train split with their true labels.
     """
 
-    def __init__(self, source_dir: str, cache_dir: str, split: str = "test", train_samples: int = 5000, retrieval_images: int = 1000):
+    def __init__(
+        self,
+        source_dir: str,
+        cache_dir: str,
+        split: str = "test",
+        train_samples: int = 5000,
+        retrieval_images: int = 1000,
+    ):
         from psdclip.data.embedded import RESOURCES as DATA_RESOURCES
         from psdclip.data.embedded import FashionMNISTShards
 
@@ -201,6 +248,7 @@ class FashionMNISTEvalSet(WdsEvalSet):
         def convert(sample: dict) -> tuple:
             captions = sample["json"].get("captions", []) if int(sample["__key__"]) < self.retrieval_images else []
             return transform(sample["png"]), int(sample["cls"]), captions
+
         return convert
 
     def batches(self, split, transform, batch_size, num_workers=0, rank=0, world_size=1):
@@ -219,7 +267,14 @@ class FashionMosaicEvalSet(FashionMNISTEvalSet):
     model that learnt which classes a mosaic holds but not where reaches about 1/4 top-1, one that learnt neither 1/10.
     """
 
-    def __init__(self, source_dir: str, cache_dir: str, split: str = "test", mosaics: int | None = None, retrieval_images: int = 1000):
+    def __init__(
+        self,
+        source_dir: str,
+        cache_dir: str,
+        split: str = "test",
+        mosaics: int | None = None,
+        retrieval_images: int = 1000,
+    ):
         from psdclip.data.embedded import RESOURCES as DATA_RESOURCES
         from psdclip.data.mosaic import MosaicShards
 

@@ -2,7 +2,7 @@
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ class Runtime:
     equally shaped tensor along a new first dimension.
     """
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     rank: int = 0
     world_size: int = 1
@@ -57,7 +57,12 @@ def encode_texts(model, texts: list[str], runtime: Runtime) -> Tensor:
     chunks = []
     for start in range(0, len(unique), TEXT_BATCH):
         with runtime.autocast():
-            chunks.append(F.normalize(model.encode_text(model.tokenizer(unique[start : start + TEXT_BATCH]).to(runtime.device)).float(), dim=-1).cpu())
+            chunks.append(
+                F.normalize(
+                    model.encode_text(model.tokenizer(unique[start : start + TEXT_BATCH]).to(runtime.device)).float(),
+                    dim=-1,
+                ).cpu()
+            )
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, 0)
     position = {text: i for i, text in enumerate(unique)}
     return embeddings[[position[text] for text in texts]]
@@ -79,7 +84,10 @@ def split_features(model, batches, runtime: Runtime, with_captions: bool = False
                 caption_image += [count + offset] * len(texts)
         count += len(batch_images)
     local = torch.cat(images) if images else torch.zeros(0, 0)
-    features = SplitFeatures(runtime.gather_rows(local), runtime.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)))
+    features = SplitFeatures(
+        runtime.gather_rows(local),
+        runtime.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)),
+    )
     if with_captions:
         counts = runtime.gather_rows(torch.tensor([count]))
         offset = int(counts[: runtime.rank].sum())

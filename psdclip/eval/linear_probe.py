@@ -32,9 +32,16 @@ class LinearClassifier:
         return features.to(self.weight) @ self.weight.T + self.bias
 
 
-def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, C: float, max_iter: int = 1000,
-                            tol: float = 1e-6, init: LinearClassifier | None = None,
-                            settled: Callable[[LinearClassifier], bool] | None = None) -> LinearClassifier:
+def fit_logistic_regression(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    C: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    init: LinearClassifier | None = None,
+    settled: Callable[[LinearClassifier], bool] | None = None,
+) -> LinearClassifier:
     """Minimise mean cross-entropy + ||W||² / (2 C n) with L-BFGS (strong-Wolfe line search), from ``init`` or zeros.
     ``settled``, asked every ``CHECK_EVERY`` iterations, may end the fit early (the C search stops once held-out
     predictions stop changing: weakly regularised fits creep on for hundreds of iterations without changing them).
@@ -52,8 +59,15 @@ def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, 
     start = init or LinearClassifier(features.new_zeros(num_classes, dim), features.new_zeros(num_classes))
     weight = (start.weight.to(features) / scale).requires_grad_()
     bias = (start.bias.to(features) + start.weight.to(features) @ mean).requires_grad_()
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=min(max_iter, CHECK_EVERY), history_size=10,
-                                  tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=min(max_iter, CHECK_EVERY),
+        history_size=10,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
     evaluations = 0
 
     def objective():
@@ -94,9 +108,16 @@ class PredictionsSettled:
         return settled
 
 
-def select_C(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, log10_range=(-6.0, 6.0),
-             coarse_step: float = 2.0, refinements: int = 3, max_iter: int = 1000,
-             fits: dict[float, LinearClassifier] | None = None) -> tuple[float, dict[float, float]]:
+def select_C(
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    log10_range=(-6.0, 6.0),
+    coarse_step: float = 2.0,
+    refinements: int = 3,
+    max_iter: int = 1000,
+    fits: dict[float, LinearClassifier] | None = None,
+) -> tuple[float, dict[float, float]]:
     """The C with the best held-out top-1: a coarse grid over ``log10_range``, then ``refinements`` rounds that try
     half the previous step either side of the best so far. Ties go to the smaller C (stronger regularisation).
     Returns the chosen C and every C tried with its held-out accuracy; ``fits``, when given, receives every
@@ -109,11 +130,16 @@ def select_C(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_class
             # warm-started from the fit of the nearest C tried: nearly the same problem, few iterations
             nearest = min(fitted, key=lambda other: abs(other - log_c), default=None)
             started = time.perf_counter()
-            fitted[log_c] = fit_logistic_regression(*train, num_classes, 10.0**log_c, max_iter,
-                                                    init=fitted.get(nearest), settled=PredictionsSettled(val[0]))
+            fitted[log_c] = fit_logistic_regression(
+                *train, num_classes, 10.0**log_c, max_iter, init=fitted.get(nearest), settled=PredictionsSettled(val[0])
+            )
             tried[log_c] = accuracy(fitted[log_c], *val)
-            log.info("linear probe: C=%.3g held-out top-1 %.4f (%.1f s)", 10.0**log_c, tried[log_c],
-                     time.perf_counter() - started)
+            log.info(
+                "linear probe: C=%.3g held-out top-1 %.4f (%.1f s)",
+                10.0**log_c,
+                tried[log_c],
+                time.perf_counter() - started,
+            )
         return tried[log_c]
 
     low, high = log10_range
@@ -129,8 +155,17 @@ def select_C(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_class
     return 10.0**best, {10.0**c: acc for c, acc in sorted(tried.items())}
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, num_classes: int,
-                 val_fraction: float = 0.2, seed: int = 0, device=None, **sweep) -> dict[str, float]:
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device=None,
+    **sweep,
+) -> dict[str, float]:
     """Choose C on a seeded ``val_fraction`` of train, refit on all of train, report test top-1/top-5/mean per-class recall and C."""
     device = device or train_features.device
     train_features, train_labels = train_features.to(device), train_labels.to(device)
@@ -138,12 +173,22 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     held_out = max(1, int(len(order) * val_fraction))
     val, fit = order[:held_out], order[held_out:]
     fits: dict[float, LinearClassifier] = {}
-    C, tried = select_C((train_features[fit], train_labels[fit]), (train_features[val], train_labels[val]), num_classes,
-                        fits=fits, **sweep)
-    log.info("linear probe: C=%.3g chosen from %s; refitting on all %d training samples", C,
-             {f"{c:.3g}": round(a, 4) for c, a in tried.items()}, len(train_labels))
+    C, tried = select_C(
+        (train_features[fit], train_labels[fit]),
+        (train_features[val], train_labels[val]),
+        num_classes,
+        fits=fits,
+        **sweep,
+    )
+    log.info(
+        "linear probe: C=%.3g chosen from %s; refitting on all %d training samples",
+        C,
+        {f"{c:.3g}": round(a, 4) for c, a in tried.items()},
+        len(train_labels),
+    )
     # from the search's fit at C: the same problem on 1/(1 - val_fraction) times the data
-    classifier = fit_logistic_regression(train_features, train_labels, num_classes, C, sweep.get("max_iter", 1000),
-                                         init=fits[C])
+    classifier = fit_logistic_regression(
+        train_features, train_labels, num_classes, C, sweep.get("max_iter", 1000), init=fits[C]
+    )
     metrics = classification_metrics(classifier.logits(test_features.to(device)).float().cpu(), test_labels.cpu())
     return {**metrics, "C": C}

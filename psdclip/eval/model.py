@@ -40,5 +40,7 @@ def load_encoders(ckpt: str | None = None, name: str | None = None, pretrained: 
             raise ValueError(architecture_mismatch(ckpt, encoders.name, name))
         return encoders
     if not name:
-        raise ValueError("give ckpt=<checkpoint from train.py> or model.name=<open_clip model> (with model.pretrained=<weights>)")
+        raise ValueError(
+            "give ckpt=<checkpoint from train.py> or model.name=<open_clip model> (with model.pretrained=<weights>)"
+        )
     return CLIPEncoders(create_clip(name, pretrained))

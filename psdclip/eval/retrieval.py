@@ -8,7 +8,9 @@ from psdclip.eval.ranking import first_positive_rank, hit_rate
 QUERIES_PER_CHUNK = 1024  # bounds the (queries, candidates) score matrix
 
 
-def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks=(1, 5, 10)
+) -> dict[str, float]:
     """text→image and image→text Recall@k for every k, their mean per k, and the mean over all of them.
 
     ``text_to_image[t]`` is the index of the image caption ``t`` describes; an image may have several captions

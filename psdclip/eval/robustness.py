@@ -8,7 +8,9 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def effective_robustness(reference_accuracy: float, shifted_accuracies: dict[str, float], slope: float | None, intercept: float | None) -> dict[str, float]:
+def effective_robustness(
+    reference_accuracy: float, shifted_accuracies: dict[str, float], slope: float | None, intercept: float | None
+) -> dict[str, float]:
     """Average accuracy over the shifted sets and, given the baseline's linear fit in logit space
     (``logit(shifted) = slope * logit(reference) + intercept``), the gap between that average and the fit's prediction.
     """

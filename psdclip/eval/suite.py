@@ -33,8 +33,16 @@ class EvalSuite:
             ``shifted`` datasets relative to ``reference`` (computed when all of them were evaluated).
     """
 
-    def __init__(self, datasets: dict[str, EvalSet], tasks: list[str], batch_size: int = 256, num_workers: int = 0,
-                 linear_probe: dict | None = None, retrieval_ks: list[int] = (1, 5, 10), robustness: dict | None = None):
+    def __init__(
+        self,
+        datasets: dict[str, EvalSet],
+        tasks: list[str],
+        batch_size: int = 256,
+        num_workers: int = 0,
+        linear_probe: dict | None = None,
+        retrieval_ks: list[int] = (1, 5, 10),
+        robustness: dict | None = None,
+    ):
         unknown = set(tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown evaluation task(s) {sorted(unknown)}; choose from {list(TASKS)}")
@@ -44,9 +52,13 @@ class EvalSuite:
         self.robustness = dict(robustness) if robustness else None
         self.timings: dict[str, float] = {}
 
-    def features(self, model, dataset: EvalSet, split: str, runtime: Runtime, with_captions: bool = False) -> SplitFeatures:
+    def features(
+        self, model, dataset: EvalSet, split: str, runtime: Runtime, with_captions: bool = False
+    ) -> SplitFeatures:
         started = time.perf_counter()
-        batches = dataset.batches(split, model.eval_transform, self.batch_size, self.num_workers, runtime.rank, runtime.world_size)
+        batches = dataset.batches(
+            split, model.eval_transform, self.batch_size, self.num_workers, runtime.rank, runtime.world_size
+        )
         if runtime.rank == 0:  # this rank's share; the others encode theirs alongside
             name = next((key for key, value in self.datasets.items() if value is dataset), dataset.root)
             batches = Progress(log, f"{name} {split} features").track(batches, lambda batch: len(batch[0]))
@@ -65,12 +77,18 @@ class EvalSuite:
         for name, dataset in self.datasets.items():
             tasks = [task for task in self.tasks if task in dataset.tasks]
             if not dataset.tasks:  # no task could ever run on it: an incomplete folder, not a choice of tasks
-                raise ValueError(f"evaluation set {name} ({dataset.root}) supports no task: zero-shot needs "
-                                 f"{dataset.templates_file}, the linear probe a train split, retrieval a dataset_type.txt "
-                                 "saying retrieval")
+                raise ValueError(
+                    f"evaluation set {name} ({dataset.root}) supports no task: zero-shot needs "
+                    f"{dataset.templates_file}, the linear probe a train split, retrieval a dataset_type.txt "
+                    "saying retrieval"
+                )
             if not tasks:
-                log.warning("%s (%s) supports none of %s (zero-shot needs a templates file, the linear probe a train split); skipped",
-                            name, dataset.root, self.tasks)
+                log.warning(
+                    "%s (%s) supports none of %s (zero-shot needs a templates file, the linear probe a train split); skipped",
+                    name,
+                    dataset.root,
+                    self.tasks,
+                )
                 continue
             test = self.features(model, dataset, "test", runtime, with_captions="retrieval" in tasks)
             for task in tasks:
@@ -81,8 +99,10 @@ class EvalSuite:
                 spent = time.perf_counter() - started - (self.timings["features"] - feature_time)
                 self.timings["metrics"] = self.timings.get("metrics", 0.0) + spent
         if not metrics:
-            raise ValueError(f"nothing was evaluated: none of the evaluation sets {sorted(self.datasets)} supports the "
-                             f"tasks {self.tasks}; choose others with evaluation.tasks or evaluation/datasets")
+            raise ValueError(
+                f"nothing was evaluated: none of the evaluation sets {sorted(self.datasets)} supports the "
+                f"tasks {self.tasks}; choose others with evaluation.tasks or evaluation/datasets"
+            )
         if self.robustness:
             metrics.update(self.effective_robustness(metrics))
         return metrics
@@ -91,20 +111,32 @@ class EvalSuite:
         classnames = dataset.classnames
         largest = max(int(labels.max()) for labels in label_sets)
         if largest >= len(classnames) or min(int(labels.min()) for labels in label_sets) < 0:
-            raise ValueError(f"{dataset.classnames_file or dataset.root} lists {len(classnames)} classes but the labels "
-                             f"range over {min(int(labels.min()) for labels in label_sets)}..{largest}")
+            raise ValueError(
+                f"{dataset.classnames_file or dataset.root} lists {len(classnames)} classes but the labels "
+                f"range over {min(int(labels.min()) for labels in label_sets)}..{largest}"
+            )
         return classnames
 
     def zeroshot(self, model, dataset: EvalSet, test: SplitFeatures, runtime: Runtime) -> dict[str, float]:
         classnames = self.classes(dataset, test.labels)
         with runtime.autocast():
-            weights = classifier_weights(model.encode_text, model.tokenizer, classnames, dataset.templates, runtime.device)
+            weights = classifier_weights(
+                model.encode_text, model.tokenizer, classnames, dataset.templates, runtime.device
+            )
         return classification_metrics(test.images @ weights.float().cpu().T, test.labels)
 
     def linear_probe(self, model, dataset: EvalSet, test: SplitFeatures, runtime: Runtime) -> dict[str, float]:
         train = self.features(model, dataset, "train", runtime)
         num_classes = len(self.classes(dataset, test.labels, train.labels))
-        return linear_probe(train.images, train.labels, test.images, test.labels, num_classes, device=runtime.device, **self.linear_probe_args)
+        return linear_probe(
+            train.images,
+            train.labels,
+            test.images,
+            test.labels,
+            num_classes,
+            device=runtime.device,
+            **self.linear_probe_args,
+        )
 
     def retrieval(self, model, dataset: EvalSet, test: SplitFeatures, runtime: Runtime) -> dict[str, float]:
         if test.text_to_image is None or len(test.text_to_image) == 0:
@@ -115,9 +147,13 @@ class EvalSuite:
         reference, shifted = self.robustness["reference"], self.robustness["shifted"]
         top1 = {name: metrics.get(f"eval/{name}/zeroshot_top1") for name in [reference, *shifted]}
         if None in top1.values():
-            log.info("effective robustness needs zero-shot top-1 on %s; skipped", [n for n, v in top1.items() if v is None])
+            log.info(
+                "effective robustness needs zero-shot top-1 on %s; skipped", [n for n, v in top1.items() if v is None]
+            )
             return {}
-        result = effective_robustness(top1.pop(reference), top1, self.robustness.get("slope"), self.robustness.get("intercept"))
+        result = effective_robustness(
+            top1.pop(reference), top1, self.robustness.get("slope"), self.robustness.get("intercept")
+        )
         return {f"eval/robustness/{metric}": value for metric, value in result.items()}
 
 
@@ -138,5 +174,8 @@ def format_results(metrics: dict[str, float]) -> str:
     lines = []
     for dataset, values in rows.items():
         lines.append(dataset)
-        lines += [f"  {metric:<32} {value:.4f}" if metric != "linear_probe_C" else f"  {metric:<32} {value:.3g}" for metric, value in values.items()]
+        lines += [
+            f"  {metric:<32} {value:.4f}" if metric != "linear_probe_C" else f"  {metric:<32} {value:.3g}"
+            for metric, value in values.items()
+        ]
     return "\n".join(lines)

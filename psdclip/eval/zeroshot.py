@@ -12,14 +12,24 @@ TEXT_BATCH = 256
 
 
 @torch.no_grad()
-def classifier_weights(encode_text: Callable[[Tensor], Tensor], tokenizer: Callable, classnames: list[str], templates: list[str], device=None) -> Tensor:
+def classifier_weights(
+    encode_text: Callable[[Tensor], Tensor],
+    tokenizer: Callable,
+    classnames: list[str],
+    templates: list[str],
+    device=None,
+) -> Tensor:
     """(classes, dim): per class, the mean of the L2-normalised template embeddings, re-normalised.
 
     Templates use ``{c}`` for the class name (CLIP_benchmark's convention).
     """
     texts = [template.format(c=name) for name in classnames for template in templates]
-    embeddings = torch.cat([F.normalize(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float(), dim=-1)
-                            for i in range(0, len(texts), TEXT_BATCH)])
+    embeddings = torch.cat(
+        [
+            F.normalize(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float(), dim=-1)
+            for i in range(0, len(texts), TEXT_BATCH)
+        ]
+    )
     return F.normalize(embeddings.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 
@@ -33,7 +43,9 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
         raise ValueError(f"labels must lie in [0, {num_classes}); got {labels.min().item()}..{labels.max().item()}")
     ranks = first_positive_rank(logits, F.one_hot(labels, num_classes).bool())
     correct = (ranks == 0).float()
-    per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
+    per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(
+        labels, minlength=num_classes
+    ).clamp(min=1)
     metrics = {"top1": hit_rate(ranks, 1), "mean_per_class_recall": per_class[torch.unique(labels)].mean().item()}
     if num_classes >= 5:
         metrics["top5"] = hit_rate(ranks, 5)

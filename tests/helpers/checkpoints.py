@@ -14,7 +14,9 @@ from psdclip.module import PSDCLIPModule
 def save_tiny_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     # hyperparameters as OmegaConf containers, as train.py passes them
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98]))
+    module = PSDCLIPModule(
+        create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98])
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)

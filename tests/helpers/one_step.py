@@ -18,8 +18,14 @@ def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_module(loss_kwargs: dict, local_loss: bool = False, micro_batches: int = 1) -> PSDCLIPModule:
     torch.manual_seed(0)
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(**loss_kwargs, local_loss=local_loss),
-                           lr=1e-3, warmup_steps=1, eps=1e-4, micro_batches=micro_batches)
+    module = PSDCLIPModule(
+        create_clip("psdclip-vit-tiny"),
+        PSDLoss(**loss_kwargs, local_loss=local_loss),
+        lr=1e-3,
+        warmup_steps=1,
+        eps=1e-4,
+        micro_batches=micro_batches,
+    )
     if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():
@@ -52,11 +58,23 @@ class OneBatch:
 
 def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
     capture = Capture()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture],
-                        use_distributed_sampler=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        use_distributed_sampler=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, train_dataloaders=OneBatch(batch))
     teacher = module.teacher.average.module if module.teacher is not None else None
-    return {"loss": capture.loss, "grads": capture.grads, "distill": capture.distill,
-            "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
-            "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {}}
+    return {
+        "loss": capture.loss,
+        "grads": capture.grads,
+        "distill": capture.distill,
+        "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+        "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {},
+    }

@@ -97,12 +97,28 @@ def write_bad_set(folder):
         5: sample(5, txt=b"sample \xff\xfe 5"),
     }
     shard0 = folder / "000-000000.tar"
-    write_raw_tar(shard0, {f"{s['__key__']}.{ext}": (v if isinstance(v, bytes) else v.encode())
-                           for i in range(8) for s in [bad.get(i, sample(i))] for ext, v in s.items() if ext != "__key__"})
+    write_raw_tar(
+        shard0,
+        {
+            f"{s['__key__']}.{ext}": (v if isinstance(v, bytes) else v.encode())
+            for i in range(8)
+            for s in [bad.get(i, sample(i))]
+            for ext, v in s.items()
+            if ext != "__key__"
+        },
+    )
     (folder / "001-000000.tar").write_bytes(b"")  # zero-byte shard, sizes.json still says 8
     truncate_tar_inside(folder / "002-000000.tar", member_index=6)  # breaks in sample 3's image: 3 whole samples
     set_size(folder, "008-000000.tar", 8)  # listed, named by the pattern, absent on disk
     usable = [i for i in ids if i not in bad and not 8 <= i < 16 and not 19 <= i < 24]
-    counts = {"image_undecodable": 2, "image_missing": 1, "caption_missing": 1, "caption_empty": 1,
-              "caption_not_utf8": 1, "shard_unreadable": 1, "shard_truncated": 1, "shard_missing": 1}
+    counts = {
+        "image_undecodable": 2,
+        "image_missing": 1,
+        "caption_missing": 1,
+        "caption_empty": 1,
+        "caption_not_utf8": 1,
+        "shard_unreadable": 1,
+        "shard_truncated": 1,
+        "shard_missing": 1,
+    }
     return usable, counts
