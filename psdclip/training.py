@@ -90,6 +90,8 @@ def stopped_by_sigterm(trainer: L.Trainer) -> NoReturn:
 
 def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:
     zeroshot = {name.split("/")[1]: value for name, value in metrics.items() if name.endswith("/zeroshot_top1")}
+    # the headline is the end-of-training evaluation's, not that of a learning curve evaluated beside it
+    evaluated = [name for name in (cfg.get("evaluation") or {}).get("datasets", {}) if name in zeroshot]
     summary = {
         "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
         "alpha_max": cfg.loss.alpha_max,
@@ -97,7 +99,7 @@ def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "teacher": cfg.loss.teacher,
         "noise": cfg.data.get("noise"),
         "noise_kind": cfg.data.get("noise_kind"),
-        "zeroshot_top1": next(iter(zeroshot.values()), None),
+        "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
         "wall_time_s": round(wall_time, 1),
         "steps": trainer.global_step,
         "metrics": metrics,

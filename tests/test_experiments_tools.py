@@ -304,6 +304,9 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     assert runs["eval/fashion_mnist_val/zeroshot_top1_best"].notna().all() and set(runs["kind"]) == {"clean", "flip"}
     assert runs.loc[(runs["method"] == "psd") & (runs["noise"] > 0), "train/distill_precision_epoch"].notna().all()
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each run's headline is the end-of-training evaluation's zero-shot, not the val learning curve's
+    summary = json.loads(next(out.glob("*/0/summary.json")).read_text())
+    assert summary["zeroshot_top1"] == summary["metrics"]["eval/fashion_mnist/zeroshot_top1"]
 
 
 @pytest.mark.parametrize("subset", ["outscored", "doubt"])
