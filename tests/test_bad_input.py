@@ -8,10 +8,8 @@ Command-line runs are real subprocesses, each in its own session, killed with th
 
 import csv
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from psdclip.eval.model import load_encoders
 from psdclip.eval.suite import EvalSuite
 from psdclip.models import create_clip, read_checkpoint
 from tests.helpers.checkpoints import save_tiny_checkpoint
+from tests.helpers.processes import checkout_env, run_in_session
 from tests.helpers.shard_sets import jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,29 +35,15 @@ def run_cli(
     args: list[str], tmp_path: Path, full_error: bool = False, timeout: float = 180
 ) -> tuple[subprocess.CompletedProcess, float]:
     """``python <args>`` from the repository root; the completed process and its wall time in seconds."""
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = checkout_env()
+    env.pop("HYDRA_FULL_ERROR", None)
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    done = run_in_session(
+        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"], timeout, env, merge_output=False
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # its session: data workers or anything else it started
-        except ProcessLookupError:
-            pass
-        process.wait()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), time.monotonic() - started
+    return done, time.monotonic() - started
 
 
 def tiny_paths(tmp_path: Path, fashion_mnist_dir: Path) -> list[str]:

@@ -5,17 +5,13 @@ Signals and kills go to real subprocesses, each in its own session; every one is
 test ends, passed or not.
 """
 
-import contextlib
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -27,79 +23,10 @@ from psdclip.data.embedded import FashionMNISTShards
 from psdclip.models import read_checkpoint
 from psdclip.training import SIGTERM_EXIT, train
 from tests.conftest import compose_train, make_fashion_mnist
+from tests.helpers.processes import Child, child, kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-
-
-class Child:
-    """A subprocess in its own session whose merged output is read line by line in the background."""
-
-    def __init__(self, command: list[str]):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """The first output line matching ``pattern``; fails on timeout or when the child ends first."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail(f"ended (rc {self.process.wait()}) before printing {pattern!r}:\n{self.output[-3000:]}")
-            self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
-        pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.output[-3000:]}")
-
-    def finish(self, timeout: float) -> int:
-        """The exit status; fails when the child is still running after ``timeout`` seconds."""
-        try:
-            rc = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
-        self.wait_for_eof()
-        return rc
-
-    def wait_for_eof(self) -> None:
-        while (line := self._queue.get(timeout=30)) is not None:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # the child's session: DDP ranks, data workers
-        self.process.wait()
-
-
-@contextlib.contextmanager
-def child(command: list[str]):
-    started = Child(command)
-    try:
-        yield started
-    finally:
-        started.kill()
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +235,6 @@ def test_runs_started_in_the_same_second_get_their_own_folders():
         (pid_a, run_a, sweep_a), (pid_b, run_b, sweep_b) = (run.output.split()[-3:] for run in runs)
     finally:
         for run in runs:
-            run.kill()
+            kill_session(run.process)
     assert run_a != run_b and sweep_a != sweep_b
     assert run_a.endswith(pid_a) and sweep_b.endswith(pid_b) and "2026-01-01_00-00-00" in run_a

@@ -1,6 +1,5 @@
 import math
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -8,6 +7,7 @@ from torch.utils.data import DataLoader
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import MAX_LOGIT_SCALE, PSDCLIPModule, warmup_cosine
+from tests.helpers.trainers import quiet_trainer
 
 
 def tiny_batches(clip, count=4, size=8):
@@ -17,13 +17,8 @@ def tiny_batches(clip, count=4, size=8):
 
 
 def fit(module, batches, **trainer_kwargs):
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         **trainer_kwargs,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,29 +24,14 @@ from psdclip.eval.datasets import FashionMNISTEvalSet
 from psdclip.eval.suite import EvalSuite
 from psdclip.training import train
 from tests.conftest import compose_train
+from tests.helpers.processes import checkout_env, run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(command: list[str], timeout: float = 1500, **env: str) -> subprocess.CompletedProcess:
     """``command`` in the repository with this checkout's psdclip, its output merged; killed on timeout or error."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(command, process.returncode, output)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_in_session(command, timeout, checkout_env(**env))
 
 
 def tiny_train_overrides(fashion_mnist_dir: Path, tmp: Path) -> list[str]:

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from psdclip.nonfinite import NonFiniteLossError, SkipNonFiniteLoss
+from tests.helpers.trainers import quiet_trainer
 
 
 class Toy(L.LightningModule):
@@ -25,13 +26,8 @@ class Toy(L.LightningModule):
 
 
 def fit(module: Toy, guard: SkipNonFiniteLoss, steps: int) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[guard],
     )
     trainer.fit(module, train_dataloaders=DataLoader(torch.arange(1.0, 9.0)[:, None].expand(8, 4), batch_size=None))

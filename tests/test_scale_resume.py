@@ -17,6 +17,7 @@ from omegaconf import open_dict
 from psdclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from psdclip.export import export
 from psdclip.training import train
+from tests.helpers.trainers import quiet_trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 STEPS, CRASH_AFTER, EVERY = 10, 8, 7  # 6 batches per epoch: the resume at step 7 is mid-epoch 1
@@ -160,13 +161,8 @@ def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
 
     module = make_module({"alpha_max": 0.5, "teacher": "ema", "ema_decay": 0.9}, local_loss=False)
     # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=OneBatch(global_batch()))
     trainer.save_checkpoint(tmp_path / "run.ckpt")

@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import ListConfig
 
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
+from tests.helpers.trainers import quiet_trainer
 
 
 def save_tiny_checkpoint(path: Path) -> Path:
@@ -17,7 +17,7 @@ def save_tiny_checkpoint(path: Path) -> Path:
     module = PSDCLIPModule(
         create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98])
     )
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return path

@@ -7,6 +7,7 @@ import torch
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
+from tests.helpers.trainers import quiet_trainer
 
 
 def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +59,8 @@ class OneBatch:
 
 def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
     capture = Capture()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[capture],
         use_distributed_sampler=False,
         **trainer_kwargs,

@@ -1,0 +1,109 @@
+"""Subprocesses of this checkout's commands, each in its own session so that a failing or timed-out test kills it
+together with everything it started (DDP ranks, data workers): no orphans."""
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment with this checkout's psdclip first on the path, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_in_session(
+    command: list[str], timeout: float, env: dict[str, str] | None = None, merge_output: bool = True
+) -> subprocess.CompletedProcess:
+    """``command`` from the repository root, its output captured (stderr into stdout with ``merge_output``); its
+    session is killed when it ends, fails or times out."""
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env or checkout_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    finally:
+        kill_session(process)
+
+
+class Child:
+    """A subprocess in its own session whose merged output is read line by line in the background."""
+
+    def __init__(self, command: list[str]):
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=checkout_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.received: queue.Queue = queue.Queue()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            self.received.put(line)
+        self.received.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching ``pattern``; fails on timeout or when the child ends first."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.received.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"ended (rc {self.process.wait()}) before printing {pattern!r}:\n{self.output[-3000:]}")
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+        pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.output[-3000:]}")
+
+    def finish(self, timeout: float) -> int:
+        """The exit status; fails when the child is still running after ``timeout`` seconds."""
+        try:
+            rc = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
+        while (line := self.received.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def child(command: list[str]):
+    started = Child(command)
+    try:
+        yield started
+    finally:
+        kill_session(started.process)
