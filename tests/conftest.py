@@ -49,6 +49,18 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", return_hydra_config=True, overrides=overrides)
 
 
+def tiny_run_overrides(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
+    """A tiny training on the test's Fashion-MNIST files, writing only under ``tmp_path``."""
+    return [
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.shard_size=100",
+    ]
+
+
 @pytest.fixture
 def train_cfg(tmp_path, fashion_mnist_dir):
     """A factory for tiny training configs writing under tmp_path; extra overrides win."""
@@ -56,12 +68,7 @@ def train_cfg(tmp_path, fashion_mnist_dir):
     def make(*overrides: str) -> DictConfig:
         cfg = compose_train(
             [
-                f"paths.fashion_mnist_dir={fashion_mnist_dir}",
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.log_dir={tmp_path / 'logs'}",
-                "data.batch_size=32",
-                "data.num_workers=0",
-                "data.shard_size=100",
+                *tiny_run_overrides(fashion_mnist_dir, tmp_path),
                 "trainer.max_epochs=1",
                 "trainer.enable_progress_bar=false",
                 "trainer.log_every_n_steps=1",

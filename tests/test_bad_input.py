@@ -24,6 +24,7 @@ from psdclip.eval.datasets import WdsEvalSet
 from psdclip.eval.model import load_encoders
 from psdclip.eval.suite import EvalSuite
 from psdclip.models import create_clip, read_checkpoint
+from tests.conftest import tiny_run_overrides
 from tests.helpers.checkpoints import save_tiny_checkpoint
 from tests.helpers.processes import checkout_env, run_in_session
 from tests.helpers.shard_sets import jpeg
@@ -47,14 +48,7 @@ def run_cli(
 
 
 def tiny_paths(tmp_path: Path, fashion_mnist_dir: Path) -> list[str]:
-    return [
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "trainer.max_steps=1",
-    ]
+    return [*tiny_run_overrides(fashion_mnist_dir, tmp_path), "trainer.max_steps=1"]
 
 
 # ---------------------------------------------------------------- item 5: make_shards into a folder with shards

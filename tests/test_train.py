@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from psdclip.training import train
-from tests.conftest import compose_train
+from tests.conftest import compose_train, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +66,7 @@ def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
         "train.py",
         "-m",
         "loss.alpha_max=0,0.25",
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "data.shard_size=100",
+        *tiny_run_overrides(fashion_mnist_dir, tmp_path),
         "trainer.max_steps=2",
         "trainer.enable_progress_bar=false",
         "evaluation.batch_size=50",
