@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from psdclip.data.samples import caption_of, image_of
 from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle, load_clip_checkpoint
 from psdclip.module import MAX_LOGIT_SCALE
@@ -58,15 +59,14 @@ class PairStream:
 
     def batches(self, transform, batch_size: int, limit: int | None = None):
         def pair(sample: dict) -> dict:
-            image = next((sample[k] for k in self.image_key.split(";") if k in sample), None)
-            if image is None or self.text_key not in sample:
-                raise ValueError(
-                    f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {self.image_key} or {self.text_key}"
-                )
-            meta = sample.get("json")
+            # the training reader's own parsing: a json:<field> text key and a bad member mean the same here
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except ValueError:  # unreadable metadata: the pair is still audited, without known corruption
+                meta = {}
             return {
-                "image": image,
-                "caption": sample[self.text_key],
+                "image": image_of(sample, tuple(self.image_key.split(";"))),
+                "caption": caption_of(sample, self.text_key),
                 "shard": sample["__url__"],
                 "key": sample["__key__"],
                 "meta": meta if isinstance(meta, dict) else {},
@@ -75,7 +75,6 @@ class PairStream:
         stages = [
             wds.SimpleShardList(self.shards),
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.decode("pilrgb", handler=wds.warn_and_continue),
             wds.map(pair, handler=wds.warn_and_continue),
         ]
         if limit:

@@ -391,3 +391,20 @@ def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="not a psdclip training checkpoint"):
         load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+def test_audit_reads_captions_under_a_json_field(tmp_path):
+    """The audit parses samples as training does: ``data.text_key=json:caption`` finds captions in the json."""
+    import webdataset as wds
+
+    from psdclip.audit import PairStream
+    from tests.helpers.shard_sets import jpeg
+
+    shard = tmp_path / "000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(3):
+            meta = {"caption": f"caption {i}", "corrupted": i == 1}
+            sink.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "json": json.dumps(meta).encode()})
+    (batch,) = PairStream([str(shard)], "jpg;png", "json:caption").batches(lambda image: image.size, batch_size=8)
+    assert [item["caption"] for item in batch] == ["caption 0", "caption 1", "caption 2"]
+    assert [item["meta"]["corrupted"] for item in batch] == [False, True, False] and batch[0]["input"] == (8, 8)
