@@ -3,9 +3,11 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from psdclip.cli import check_overrides, check_settings, reported_errors
+from psdclip.cli import check_overrides, check_settings, reported_errors, sweep_objective
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,7 +19,7 @@ def main(cfg: DictConfig) -> float | None:
         from psdclip.training import train
 
         metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
+        return sweep_objective(cfg, metrics, sweeping=HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,19 @@ def check_overrides(args: list[str]) -> None:
             )
 
 
+def sweep_objective(cfg: DictConfig, metrics: dict[str, float], sweeping: bool) -> float | None:
+    """``cfg.optimized_metric`` of the run's final ``metrics``, what ``python train.py -m`` hands its sweeper.
+
+    In a sweep a name the run did not measure (a typo, an evaluation set not configured) raises: the sweeper would
+    otherwise get None for every trial and optimise nothing.
+    """
+    name = cfg.get("optimized_metric")
+    if sweeping and name and name not in metrics:
+        measured = sorted(key for key in metrics if key.startswith("eval/"))
+        raise ValueError(f"optimized_metric {name!r} was not measured by this run; it measured {measured}")
+    return metrics.get(name)
+
+
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)

@@ -234,3 +234,16 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error(tiny_checkpoint,
         ValueError, match=re.escape(f"evaluation set hollow ({root}) supports no task: zero-shot needs {root}")
     ):
         EvalSuite({"hollow": WdsEvalSet(str(root))}, ["zeroshot"]).run(model)
+
+
+def test_a_sweep_objective_the_run_did_not_measure_raises():
+    from omegaconf import OmegaConf
+
+    from psdclip.cli import sweep_objective
+
+    cfg = OmegaConf.create({"optimized_metric": "eval/imagenet1k/zeroshot_top1"})
+    metrics = {"eval/fashion_mnist/zeroshot_top1": 0.8, "train/loss": 2.0}
+    with pytest.raises(ValueError, match=r"'eval/imagenet1k/zeroshot_top1' was not measured.*fashion_mnist/zeroshot"):
+        sweep_objective(cfg, metrics, sweeping=True)
+    assert sweep_objective(cfg, metrics, sweeping=False) is None  # a single run still ends normally
+    assert sweep_objective(OmegaConf.create({"optimized_metric": "train/loss"}), metrics, sweeping=True) == 2.0
