@@ -150,7 +150,7 @@ def test_evaluate_py_on_wds_sets_and_an_image_folder(checkpoint, tmp_path):
 
 def test_the_suite_shares_test_features_and_splits_ranks(checkpoint, tmp_path):
     """Two 'ranks' each encode half of the images; gathered, they give the single-process metrics."""
-    from psdclip.eval.features import Runtime
+    from psdclip.eval.features import Runtime, SplitFeatures
     from psdclip.eval.model import load_checkpoint
 
     root = make_classification_wds(tmp_path / "wds_toy", {"test": 12})
@@ -166,6 +166,10 @@ def test_the_suite_shares_test_features_and_splits_ranks(checkpoint, tmp_path):
     assert sorted(len(s.labels) for s in shares) == [6, 6]
     assert torch.equal(torch.cat([s.labels for s in shares]).sort().values, torch.tensor([0, 1, 2] * 4).sort().values)
     assert set(single) == {"eval/toy/zeroshot_top1", "eval/toy/zeroshot_mean_per_class_recall"}
+    # the two halves together, as the gather hands them to rank 0, give the single process's metrics
+    gathered = SplitFeatures(torch.cat([s.images for s in shares]), torch.cat([s.labels for s in shares]))
+    halves = suite.zeroshot(model, suite.datasets["toy"], gathered, Runtime())
+    assert {f"eval/toy/zeroshot_{name}": value for name, value in halves.items()} == pytest.approx(single)
 
 
 def test_clear_errors_name_the_path(checkpoint, tmp_path):
