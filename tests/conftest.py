@@ -50,14 +50,13 @@ def compose_train(overrides: list[str]) -> DictConfig:
 
 
 def tiny_run_overrides(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
-    """A tiny training on the test's Fashion-MNIST files, writing only under ``tmp_path``."""
+    """A tiny training on the test's Fashion-MNIST files, writing only under ``tmp_path`` (any ``data`` config)."""
     return [
         f"paths.fashion_mnist_dir={fashion_mnist_dir}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.log_dir={tmp_path / 'logs'}",
         "data.batch_size=32",
         "data.num_workers=0",
-        "data.shard_size=100",
     ]
 
 
@@ -69,6 +68,7 @@ def train_cfg(tmp_path, fashion_mnist_dir):
         cfg = compose_train(
             [
                 *tiny_run_overrides(fashion_mnist_dir, tmp_path),
+                "data.shard_size=100",
                 "trainer.max_epochs=1",
                 "trainer.enable_progress_bar=false",
                 "trainer.log_every_n_steps=1",

@@ -67,6 +67,7 @@ def test_multirun_sweep_over_alpha_max(fashion_mnist_dir, tmp_path):
         "-m",
         "loss.alpha_max=0,0.25",
         *tiny_run_overrides(fashion_mnist_dir, tmp_path),
+        "data.shard_size=100",
         "trainer.max_steps=2",
         "trainer.enable_progress_bar=false",
         "evaluation.batch_size=50",
