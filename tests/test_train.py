@@ -22,7 +22,8 @@ def logged(run_dir: Path) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, tmp_path):
-    metrics = train(train_cfg())
+    # margin 0: ten steps teach too little for a pair to be outscored by the default margin, and D would stay empty
+    metrics = train(train_cfg("loss.outscore_margin=0"))
     assert 0.0 <= metrics["eval/fashion_mnist/zeroshot_top1"] <= 1.0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -48,7 +49,8 @@ def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, 
     alpha = log["train/alpha"].dropna().tolist()
     assert alpha[0] == 0.0 and alpha[-1] == pytest.approx(0.5) and alpha == sorted(alpha)
     counts = log["train/distill_count"].dropna().tolist()
-    assert counts == [int(a * 32) for a in alpha]
+    # outscored: at most floor(alpha · N) pairs, only those some candidate outscores
+    assert all(count <= int(a * 32) for count, a in zip(counts, alpha, strict=True)) and max(counts) > 0
 
 
 @pytest.mark.slow
