@@ -115,7 +115,7 @@ class Auditor:
         rows, worst = [], []  # worst: a min-heap of the grid's (score, index, image)
         for batch in stream.batches(self.clip.eval_transform, batch_size, limit):
             scores = batch_doubt(self.loss, *self.encode(batch), self.scale)
-            flagged = self.loss.most_doubted(scores, math.floor(fraction * len(batch)))
+            flagged = self.loss.doubted_subset(scores, math.floor(fraction * len(batch)))
             for item, score, flag in zip(batch, scores.tolist(), flagged.tolist()):
                 row = {
                     "shard": item["shard"],

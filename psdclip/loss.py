@@ -315,7 +315,7 @@ class PSDLoss(nn.Module):
             return self.distill_mask(batch_size, alpha, step).to(labels.device)
         score = self.doubt(teacher_image, teacher_text, labels)
         # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
-        return self.most_doubted(gather(score, grad=False) if len(score) < batch_size else score, count)
+        return self.doubted_subset(gather(score, grad=False) if len(score) < batch_size else score, count)
 
     def doubt(self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor) -> Tensor:
         """The teacher's doubt of each row's pair, higher = more suspect: (rows,). ``subset=outscored``: how many
@@ -324,7 +324,7 @@ class PSDLoss(nn.Module):
             return partner_gap(teacher_image, teacher_text, labels, self.tau_teacher)
         return 1 - partner_probability(teacher_image, teacher_text, labels, self.tau_teacher)
 
-    def most_doubted(self, score: Tensor, count: int) -> Tensor:
+    def doubted_subset(self, score: Tensor, count: int) -> Tensor:
         """Bool mask of the (at most) ``count`` most doubted pairs; ``outscored`` takes only pairs above the margin."""
         mask = most_doubted(-score, count)
         # the largest gaps first, so this keeps min(count, pairs past the margin) of them, with no host sync

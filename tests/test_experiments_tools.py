@@ -330,7 +330,7 @@ def test_audit_scores_pairs_with_the_doubt_of_the_loss(subset):
         by_hand = 0.5 * (logits.max(1).values + logits.max(0).values) - logits.diagonal()
     torch.testing.assert_close(score, by_hand)
     distill = loss.from_logits(10.0 * image @ text.T, 10.0 * text @ image.T, torch.arange(10), 0.4, 0).distill
-    assert torch.equal(distill, loss.most_doubted(score, 4)) and distill.sum() >= 1
+    assert torch.equal(distill, loss.doubted_subset(score, 4)) and distill.sum() >= 1
 
 
 def test_audit_quality_against_known_corruption():
