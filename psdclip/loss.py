@@ -51,6 +51,7 @@ class PSDOutput:
     teacher_logits_per_image: Tensor  # (rows, N) the teacher's, detached
     labels: Tensor  # (rows,) each row's own pair in the global batch
     distill: Tensor  # (N,) bool, D over the global batch
+    mix: Tensor  # (N,) each pair's weight of the soft target against its one-hot target (0 outside D)
 
 
 def soft_targets(
@@ -59,18 +60,20 @@ def soft_targets(
     distill: Tensor,
     scope: str = "subset",
     tau_teacher: float = 1.0,
-    mix: float = 1.0,
+    mix: Tensor | float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Targets of distilled rows, ``mix`` × soft + (1 − ``mix``) × one-hot on ``own``, and the soft part alone.
 
-    The soft part is softmax(teacher_logits / tau_teacher), restricted to D's pairs with ``scope="subset"``.
+    The soft part is softmax(teacher_logits / tau_teacher), restricted to D's pairs with ``scope="subset"``; ``mix`` is
+    one weight or one per row.
     """
     teacher = teacher_logits.detach().float() / tau_teacher
     if scope == "subset":
         teacher = teacher.masked_fill(~distill, float("-inf"))
     soft = teacher.softmax(dim=-1)
+    mix = torch.as_tensor(mix, dtype=soft.dtype, device=soft.device).reshape(-1, 1)
     target = mix * soft
-    target[torch.arange(len(own), device=own.device), own] += 1.0 - mix
+    target[torch.arange(len(own), device=own.device), own] += 1.0 - mix.squeeze(1)
     return target, soft
 
 
@@ -81,7 +84,7 @@ def direction_loss(
     distill: Tensor,
     scope: str = "subset",
     tau_teacher: float = 1.0,
-    mix: float = 1.0,
+    mix: Tensor | float = 1.0,
 ) -> DirectionLoss:
     """Cross-entropy of each query row against its (possibly soft) target.
 
@@ -89,6 +92,7 @@ def direction_loss(
     labels: (rows,) index of each row's own pair among the candidates.
     distill: (N,) bool mask of the distillation subset D over the candidates; a row is distilled when its
       own pair is in D. Rows may be a slice of the batch (local loss), since D is indexed globally.
+    mix: the soft target's weight, one for all or (N,) one per pair.
     """
     per_row = F.cross_entropy(logits, labels, reduction="none")
     rows = distill[labels]
@@ -96,7 +100,8 @@ def direction_loss(
         empty = logits.new_zeros(0)
         return DirectionLoss(per_row, rows, empty, empty)
     own = labels[rows]
-    target, soft = soft_targets(teacher_logits[rows], own, distill, scope, tau_teacher, mix)
+    row_mix = mix[own] if isinstance(mix, Tensor) else mix
+    target, soft = soft_targets(teacher_logits[rows], own, distill, scope, tau_teacher, row_mix)
     per_row = per_row.clone()
     per_row[rows] = F.cross_entropy(logits[rows], target.to(logits.dtype), reduction="none")
     entropy = torch.special.entr(soft).sum(dim=-1)
@@ -143,6 +148,10 @@ class PSDLoss(nn.Module):
             teacher probability on their own partner) or ``random`` (drawn from seed and step).
         outscore_margin: for ``outscored``, the gap in logits (a log-odds ratio: e² ≈ 7× at 2) that makes a pair
             suspect.
+        outscore_ramp: for ``outscored``, the gap beyond the margin over which a pair's soft-target weight rises
+            linearly from 0 to ``mix``: a pair barely past the margin (often a clean but hard one) keeps most of its
+            one-hot target, so it can still be learnt and leave D, while a confidently misplaced one is fully
+            distilled. 0: every pair past the margin gets ``mix`` at once.
         teacher: ``self`` (the student's own detached logits) or ``ema`` (a momentum copy of the model with decay
             ``ema_decay``, built by ``make_teacher``).
         scope: ``batch`` spreads soft targets over all N pairs; ``subset`` over D's own pairs only.
@@ -167,6 +176,7 @@ class PSDLoss(nn.Module):
         tau_teacher: float = 1.0,
         mix: float = 1.0,
         outscore_margin: float = 2.0,
+        outscore_ramp: float = 0.0,
         seed: int = 0,
         local_loss: bool = False,
     ):
@@ -184,6 +194,8 @@ class PSDLoss(nn.Module):
             raise ValueError(f"mix must be in [0, 1], got {mix}")
         if outscore_margin < 0:
             raise ValueError(f"outscore_margin must be >= 0, got {outscore_margin}")
+        if outscore_ramp < 0:
+            raise ValueError(f"outscore_ramp must be >= 0, got {outscore_ramp}")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         # the self teacher's untempered, unmixed soft target over the batch is the prediction itself: its rows carry no
@@ -205,7 +217,7 @@ class PSDLoss(nn.Module):
         self.schedule = make_schedule(schedule, alpha_max, ramp_start, ramp_end)
         self.subset, self.teacher, self.ema_decay, self.scope = subset, teacher, ema_decay, scope
         self.tau_teacher, self.mix, self.seed, self.local_loss = tau_teacher, mix, seed, local_loss
-        self.outscore_margin = outscore_margin
+        self.outscore_margin, self.outscore_ramp = outscore_margin, outscore_ramp
 
     @property
     def alpha_max(self) -> float:
@@ -285,8 +297,8 @@ class PSDLoss(nn.Module):
         """The loss from logits: (rows, N) queries against the global batch, ``labels`` the rows' own pairs."""
         batch_size = logits_per_image.shape[1]
         teacher_image, teacher_text = teacher_logits or (logits_per_image, logits_per_text)
-        distill = self.choose_subset(teacher_image, teacher_text, labels, batch_size, alpha, step)
-        options = {"scope": self.scope, "tau_teacher": self.tau_teacher, "mix": self.mix}
+        distill, mix = self.choose_subset(teacher_image, teacher_text, labels, batch_size, alpha, step)
+        options = {"scope": self.scope, "tau_teacher": self.tau_teacher, "mix": mix}
         image = direction_loss(logits_per_image, teacher_image, labels, distill, **options)
         text = direction_loss(logits_per_text, teacher_text, labels, distill, **options)
         loss = (image.per_row.mean() + text.per_row.mean()) / 2
@@ -299,23 +311,30 @@ class PSDLoss(nn.Module):
             "distill_count": distill.sum(),
             "soft_target_entropy": _mean_pair(image.entropy, text.entropy),
             "soft_target_diagonal": _mean_pair(image.diagonal, text.diagonal),
+            "soft_target_weight": mix[distill].mean() if self.outscore_ramp else None,
             **subset_quality(distill, noise_marks),
         }
         stats = {name: value for name, value in stats.items() if value is not None}
-        return PSDOutput(loss, stats, logits_per_image.detach(), teacher_image.detach(), labels, distill)
+        return PSDOutput(loss, stats, logits_per_image.detach(), teacher_image.detach(), labels, distill, mix)
 
     def choose_subset(
         self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor, batch_size: int, alpha: float, step: int
-    ) -> Tensor:
-        """D over the global batch, the same on every rank."""
+    ) -> tuple[Tensor, Tensor]:
+        """D over the global batch, the same on every rank, and each pair's soft-target weight (0 outside D)."""
         count = math.floor(alpha * batch_size)
         if count == 0:  # CLIP, the ramp's start: made on the device, not on the host and copied every step
-            return torch.zeros(batch_size, dtype=torch.bool, device=labels.device)
-        if self.subset == "random":
-            return self.distill_mask(batch_size, alpha, step).to(labels.device)
-        score = self.doubt(teacher_image, teacher_text, labels)
-        # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
-        return self.doubted_subset(gather(score, grad=False) if len(score) < batch_size else score, count)
+            distill = torch.zeros(batch_size, dtype=torch.bool, device=labels.device)
+        elif self.subset == "random":
+            distill = self.distill_mask(batch_size, alpha, step).to(labels.device)
+        else:
+            score = self.doubt(teacher_image, teacher_text, labels)
+            # each rank scores its own rows (all N without local_loss, so the gather is then the identity)
+            score = gather(score, grad=False) if len(score) < batch_size else score
+            distill = self.doubted_subset(score, count)
+            if self.subset == "outscored" and self.outscore_ramp:
+                weight = ((score - self.outscore_margin) / self.outscore_ramp).clamp(0.0, 1.0)
+                return distill, self.mix * weight * distill
+        return distill, self.mix * distill.float()
 
     def doubt(self, teacher_image: Tensor, teacher_text: Tensor, labels: Tensor) -> Tensor:
         """The teacher's doubt of each row's pair, higher = more suspect: (rows,). ``subset=outscored``: how many
@@ -342,7 +361,7 @@ class PSDLoss(nn.Module):
                 output.distill,
                 self.scope,
                 self.tau_teacher,
-                self.mix,
+                output.mix[output.labels[rows]],
             )[0].to(dtype)
         return targets
 
