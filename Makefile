@@ -31,4 +31,4 @@ clean:
 
 # the embedded dataset's cached shards (one set per data setting, e.g. per data.noise); rebuilt when next needed
 clean-cache:
-	$(PYTHON) -m psdclip.cache --clean
+	$(PYTHON) -m psdclip.tools.cache --clean

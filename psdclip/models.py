@@ -9,7 +9,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from psdclip.checkpointing import check_complete
+from psdclip.callbacks.checkpointing import check_complete
 from psdclip.quiet import quiet_libraries
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"

@@ -151,7 +151,7 @@ class PSDCLIPModule(L.LightningModule):
         """Clamp the temperature and move the EMA teacher towards the stepped weights."""
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        # a step skipped for a non-finite loss (psdclip.nonfinite) leaves no gradients: the teacher waits too
+        # a step skipped for a non-finite loss (psdclip.callbacks.nonfinite) leaves no gradients: the teacher waits too
         if self.teacher is not None and any(p.grad is not None for p in self.model.parameters()):
             self.teacher.update(self.model)
 

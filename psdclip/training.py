@@ -12,12 +12,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from psdclip.checkpointing import resolve_ckpt_path
+from psdclip.callbacks.checkpointing import resolve_ckpt_path
+from psdclip.callbacks.summary import SUMMARY_FILE, format_table
 from psdclip.cli import check_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.runlog import announce
-from psdclip.summary import SUMMARY_FILE, format_table
 
 log = logging.getLogger(__name__)
 

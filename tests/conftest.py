@@ -49,15 +49,19 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", return_hydra_config=True, overrides=overrides)
 
 
-def tiny_run_overrides(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
-    """A tiny training on the test's Fashion-MNIST files, writing only under ``tmp_path`` (any ``data`` config)."""
+def tiny_paths(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
+    """The test's Fashion-MNIST files, and every file a command writes under ``tmp_path``."""
     return [
         f"paths.fashion_mnist_dir={fashion_mnist_dir}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.log_dir={tmp_path / 'logs'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
     ]
+
+
+def tiny_run_overrides(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
+    """A tiny training (``debug=tiny``) on the test's Fashion-MNIST files, writing only under ``tmp_path`` (any
+    ``data`` config)."""
+    return [*tiny_paths(fashion_mnist_dir, tmp_path), "debug=tiny"]
 
 
 @pytest.fixture
@@ -69,11 +73,9 @@ def train_cfg(tmp_path, fashion_mnist_dir):
             [
                 *tiny_run_overrides(fashion_mnist_dir, tmp_path),
                 "data.shard_size=100",
-                "trainer.max_epochs=1",
+                "trainer.max_steps=-1",  # the whole epoch
                 "trainer.enable_progress_bar=false",
-                "trainer.log_every_n_steps=1",
                 "optim.warmup_steps=2",
-                "callbacks.throughput.window_size=2",
                 *overrides,
             ]
         )

@@ -8,8 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from psdclip.callbacks.data_quality import DataQualityMonitor
 from psdclip.data import ShardDataModule
-from psdclip.data.monitor import DataQualityMonitor
 from psdclip.data.pipeline import Decoded, EpochLoader, distinct_batches
 from psdclip.data.samples import COUNTERS
 from tests.helpers.shard_sets import (

@@ -1,4 +1,4 @@
-"""Experiment tooling: W&B offline runs read back from their files, progress reporters, sweeps + psdclip.report,
+"""Experiment tooling: W&B offline runs read back from their files, progress reporters, sweeps + psdclip.tools.report,
 the noisy-caption study, and the noisy-pair audit."""
 
 import json
@@ -12,30 +12,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from psdclip.audit import batch_doubt, quality
 from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.loggers import git_state
-from psdclip.report import Job, parse_overrides, swept_keys
-from psdclip.study import aggregate, parse
+from psdclip.tools.audit import batch_doubt, quality
+from psdclip.tools.report import Job, parse_overrides, swept_keys
+from psdclip.tools.study import aggregate, parse
 from psdclip.training import train
+from tests.conftest import tiny_paths, tiny_run_overrides
+from tests.helpers.processes import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.batch_size=32",
-    "data.num_workers=0",
-    "data.shard_size=100",
-    "trainer.enable_progress_bar=false",
-    "callbacks.media.eval_samples.limit=40",
-    "callbacks.throughput.window_size=2",
-]
-
-
-def tiny_paths(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
-    return [
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
+TINY = ["data.shard_size=100", "trainer.enable_progress_bar=false", "callbacks.media.eval_samples.limit=40"]
 
 
 def wandb_records(path: Path):
@@ -174,32 +161,21 @@ def test_overrides_parse_to_typed_values_and_swept_keys_are_those_that_vary():
 
 
 @pytest.mark.slow
-def test_two_point_multirun_and_report_write_table_and_plot(fashion_mnist_dir, tmp_path):
+def test_two_point_multirun_summarises_its_jobs_and_report_writes_table_and_plot(fashion_mnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "loss.alpha_max=0,0.25",
-        f"hydra.sweep.dir={sweep}",
-        "trainer.max_steps=2",
-        *tiny_paths(fashion_mnist_dir, tmp_path),
-        *TINY,
-    ]
-    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run(
-        [sys.executable, "-m", "psdclip.report", str(sweep)],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = [sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25", f"hydra.sweep.dir={sweep}"]
+    result = run_in_session([*command, *tiny_run_overrides(fashion_mnist_dir, tmp_path), *TINY], 600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
+    assert [(s["method"], s["alpha_max"]) for s in summaries] == [("clip", 0.0), ("psd", 0.25)]
+    assert json.loads((sweep / "summary.json").read_text()) == summaries
+    table = result.stdout[result.stdout.index("Multirun summary") :]
+    assert "clip" in table and "psd" in table and "zeroshot_top1" in table
+
+    result = run_in_session([sys.executable, "-m", "psdclip.tools.report", str(sweep)], 300)
+    assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(sweep / "report.csv")
     assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
-    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
     metric = "eval/fashion_mnist/zeroshot_top1"
     assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
     assert "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric is tabulated
@@ -209,7 +185,7 @@ def test_two_point_multirun_and_report_write_table_and_plot(fashion_mnist_dir, t
 
 
 def test_report_refuses_folders_without_jobs_and_unknown_metrics(tmp_path):
-    from psdclip.report import report
+    from psdclip.tools.report import report
 
     with pytest.raises(FileNotFoundError, match="no Hydra jobs"):
         report(tmp_path)
@@ -235,7 +211,7 @@ def test_study_arguments_split_into_settings_and_train_overrides():
 
 
 def test_study_runs_clean_data_once_and_noisy_data_per_kind(tmp_path):
-    from psdclip.study import commands
+    from psdclip.tools.study import commands
 
     settings, overrides, _ = parse(["noise=0,0.4", "kinds=flip,swap", "seeds=3", "first_seed=100", "split=val"])
     clean, noisy = commands(settings, overrides, False, tmp_path)
@@ -248,7 +224,7 @@ def test_study_runs_clean_data_once_and_noisy_data_per_kind(tmp_path):
 
 
 def test_study_on_mosaics_runs_their_recipe_with_retrieval_first(tmp_path):
-    from psdclip.study import commands
+    from psdclip.tools.study import commands
 
     settings, overrides, _ = parse(["data=embedded_mosaic", "noise=0.4", "seeds=1"])
     assert settings["kinds"] == "partial,swap" and settings["metrics"].startswith("eval/*/retrieval_mean_recall,")
@@ -283,7 +259,7 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "psdclip.study",
+        "psdclip.tools.study",
         "--quick",
         "noise=0,0.5",
         "kinds=flip",
@@ -365,7 +341,7 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
     command = [
         sys.executable,
         "-m",
-        "psdclip.audit",
+        "psdclip.tools.audit",
         f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
         "data.noise=0.3",
         "data.shard_size=100",
@@ -399,7 +375,7 @@ def test_audit_reads_captions_under_a_json_field(tmp_path):
     """The audit parses samples as training does: ``data.text_key=json:caption`` finds captions in the json."""
     import webdataset as wds
 
-    from psdclip.audit import PairStream
+    from psdclip.tools.audit import PairStream
     from tests.helpers.shard_sets import jpeg
 
     shard = tmp_path / "000000.tar"

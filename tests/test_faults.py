@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psdclip.checkpointing import IncompleteCheckpointError, resolve_ckpt_path
+from psdclip.callbacks.checkpointing import IncompleteCheckpointError, resolve_ckpt_path
 from psdclip.data.embedded import FashionMNISTShards
 from psdclip.models import read_checkpoint
 from psdclip.training import SIGTERM_EXIT, train
@@ -156,7 +156,7 @@ def test_sigterm_during_final_evaluation_stops_it(two_shard_eval_data, tmp_path)
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from lightning.pytorch.plugins.io import TorchCheckpointIO
-    from psdclip.checkpointing import AtomicCheckpointIO
+    from psdclip.callbacks.checkpointing import AtomicCheckpointIO
 
     class HangingWrite(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):

@@ -23,7 +23,7 @@ from psdclip.data.embedded import FashionMNISTShards
 from psdclip.eval.datasets import FashionMNISTEvalSet
 from psdclip.eval.suite import EvalSuite
 from psdclip.training import train
-from tests.conftest import compose_train
+from tests.conftest import compose_train, tiny_run_overrides
 from tests.helpers.processes import checkout_env, run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +35,7 @@ def run(command: list[str], timeout: float = 1500, **env: str) -> subprocess.Com
 
 
 def tiny_train_overrides(fashion_mnist_dir: Path, tmp: Path) -> list[str]:
-    return [
-        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
-        f"hydra.run.dir={tmp / 'run'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "data.shard_size=100",
-    ]
+    return [*tiny_run_overrides(fashion_mnist_dir, tmp), f"hydra.run.dir={tmp / 'run'}", "data.shard_size=100"]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +129,7 @@ def test_export_does_not_warn_about_random_weights(tiny_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "psdclip.export",
+            "psdclip.tools.export",
             f"ckpt={folder / 'checkpoints' / 'last.ckpt'}",
             f"out={tmp_path / 'out'}",
         ]
@@ -243,7 +235,7 @@ def test_make_clean_cache_deletes_the_cached_shards(tmp_path):
     (shard_set / "train-000000.tar").write_bytes(b"\0" * 1024)
     mine = cache / "not_psdclip.txt"
     mine.write_text("kept")
-    listed = run([sys.executable, "-m", "psdclip.cache"], timeout=600, PSDCLIP_CACHE=str(cache))
+    listed = run([sys.executable, "-m", "psdclip.tools.cache"], timeout=600, PSDCLIP_CACHE=str(cache))
     assert listed.returncode == 0 and str(shard_set) in listed.stdout, listed.stdout
     done = run(["make", "-s", "clean-cache", f"PYTHON={sys.executable}"], timeout=600, PSDCLIP_CACHE=str(cache))
     assert done.returncode == 0, done.stdout

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psdclip.nonfinite import NonFiniteLossError, SkipNonFiniteLoss
+from psdclip.callbacks.nonfinite import NonFiniteLossError, SkipNonFiniteLoss
 from tests.helpers.trainers import quiet_trainer
 
 

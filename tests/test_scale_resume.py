@@ -14,8 +14,8 @@ from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import open_dict
 
-from psdclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
-from psdclip.export import export
+from psdclip.callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from psdclip.tools.export import export
 from psdclip.training import train
 from tests.helpers.trainers import quiet_trainer
 
@@ -62,8 +62,7 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
                 f"trainer.max_steps={STEPS}",
                 "trainer.log_every_n_steps=1",
                 "trainer.enable_progress_bar=false",
-                "data.batch_size=32",
-                "data.num_workers=0",
+                "debug=tiny",
                 "data.shuffle_buffer=64",
                 "optim.warmup_steps=3",
                 f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",

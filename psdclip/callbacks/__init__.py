@@ -1,1 +1,2 @@
-"""Lightning callbacks for watching a run: progress reporting and media (heatmaps, confusion matrix, retrieval)."""
+"""Lightning callbacks (evaluation, checkpointing, data quality, non-finite losses, progress, media) and the Hydra
+callback that writes run summaries; every `_target_` in `conf/callbacks/` points here."""

@@ -1,5 +1,6 @@
 """LightningDataModule streaming image–caption webdataset shards."""
 
+import logging
 from collections.abc import Callable
 from functools import cached_property
 
@@ -9,6 +10,8 @@ import torch
 from psdclip.data.pipeline import EpochLoader, ShardStream
 from psdclip.data.samples import COUNTERS, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -26,6 +29,10 @@ class ShardDataModule(L.LightningDataModule):
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
     The first skip of each kind in each shard is warned about once per run, naming the shard.
+
+    The stream position is part of the checkpoint (``state_dict``: the epoch and the batches trained on in it): after
+    a mid-epoch resume the restarted epoch's stream passes over those batches, so the run sees the same batches as an
+    uninterrupted one.
     """
 
     def __init__(
@@ -51,6 +58,24 @@ class ShardDataModule(L.LightningDataModule):
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
+        self.epoch, self.batches_done = 0, 0  # the training stream's position: batches trained on in this epoch
+        self.resume_position: dict[str, int] | None = None  # the position a checkpoint restored, until used
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_position = dict(state_dict)
+
+    def start_epoch(self, epoch: int) -> int:
+        """The training stream of ``epoch`` begins: how many of its batches a restored checkpoint already trained on."""
+        position, self.resume_position = self.resume_position, None
+        done = position["batches_done"] if position and position["epoch"] == epoch else 0
+        done = done if done < self.batches_per_epoch(self.trainer.world_size if self.trainer else 1) else 0
+        if done:
+            log.info("resuming mid-epoch %d: skipping the %d batches already trained on", epoch, done)
+        self.epoch, self.batches_done = epoch, done
+        return done
 
     @cached_property
     def sources(self) -> list[ShardSource]:
@@ -115,6 +140,7 @@ class ShardDataModule(L.LightningDataModule):
         return EpochLoader(
             self.stream(rank, world_size),
             current_epoch=(lambda: trainer.current_epoch) if trainer else None,
+            batches_to_skip=self.start_epoch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -122,8 +148,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Keep the skip counts the batch carries and warn about new bad shards; the model gets (images, tokens, noise marks)."""
-        if len(batch) == 4:
+        if len(batch) == 4:  # a training batch, about to be trained on
             images, tokens, skips, marks = batch
+            self.batches_done += 1
             self.skipped += skips.counts
             self.skip_warnings.warn(skips.notes)
             return images, tokens, marks

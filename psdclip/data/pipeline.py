@@ -225,23 +225,35 @@ def noise_mark(sample: dict) -> int:
 
 def leave_sigterm_to_the_main_process(worker_id: int) -> None:
     """SLURM, Kubernetes and ``timeout`` send SIGTERM to the whole process group: a data worker killed by it would
-    crash the run before the main process saves its checkpoint and stops (psdclip.checkpointing)."""
+    crash the run before the main process saves its checkpoint and stops (psdclip.callbacks.checkpointing)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EpochLoader(DataLoader):
     """DataLoader that tells the stream which epoch begins (``current_epoch()``, the trainer's), so shard order and
     sample shuffle follow seed + epoch also after resuming from a checkpoint and with persistent workers. Without
-    ``current_epoch`` each new iteration is the next epoch."""
+    ``current_epoch`` each new iteration is the next epoch. ``batches_to_skip(epoch)``, asked as an epoch's stream
+    starts, gives how many of its first batches to pass over (those a resumed run already trained on)."""
 
-    def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int] | None = None, **kwargs):
+    def __init__(
+        self,
+        dataset: ShardStream,
+        current_epoch: Callable[[], int] | None = None,
+        batches_to_skip: Callable[[int], int] | None = None,
+        **kwargs,
+    ):
         super().__init__(dataset, batch_size=None, worker_init_fn=leave_sigterm_to_the_main_process, **kwargs)
-        self.current_epoch, self.iterations = current_epoch, 0
+        self.current_epoch, self.batches_to_skip, self.iterations = current_epoch, batches_to_skip, 0
 
     def __iter__(self):
+        # a generator, so nothing happens until the first batch is asked for: Lightning calls iter() once early, to
+        # check the loader, before it has restored a checkpoint's epoch
         if self.current_epoch is not None:
             self.dataset.epoch.value = self.current_epoch()
         elif self.iterations:
             self.dataset.epoch.value += 1
         self.iterations += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        for _ in range(self.batches_to_skip(self.dataset.epoch.value) if self.batches_to_skip else 0):
+            next(batches)
+        yield from batches

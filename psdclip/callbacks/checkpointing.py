@@ -57,8 +57,6 @@ class ResumableCheckpoint(ModelCheckpoint):
       (evaluation, media) runs: an error there never costs the weights;
     - ``last.ckpt`` at the current step when the job receives SIGTERM (Lightning stops at the next step boundary);
     - the RNG states of torch, CUDA, numpy and ``random`` (rank 0's, restored on every rank);
-    - the data-stream position: after a mid-epoch resume the first ``batches done`` batches of the restarted
-      epoch's stream are skipped, so the run sees the same batches as an uninterrupted one;
     - stale partial files of writes killed midway are removed at start-up.
     """
 
@@ -132,15 +130,6 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             remove_stale_partials(Path(self.dirpath))
-        datamodule = trainer.datamodule
-        if stage == "fit" and datamodule is not None and not hasattr(datamodule.train_dataloader, "resumes"):
-            make_loader = datamodule.train_dataloader
-
-            def resuming_loader():
-                return SkipOnResume(make_loader, trainer)
-
-            resuming_loader.resumes = True
-            datamodule.train_dataloader = resuming_loader
 
 
 def finishes_training(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -154,42 +143,6 @@ def finishes_training(trainer: L.Trainer, batch_idx: int) -> bool:
 
 def _plain(state: tuple) -> tuple:
     return tuple(item.tolist() if isinstance(item, np.ndarray) else item for item in state)
-
-
-class SkipOnResume:
-    """A training loader that, in the first pass after a mid-epoch resume, skips the batches already trained on.
-
-    The count is Lightning's own (``batch_progress.current.ready``, which it also adds to the fetched count).
-    The loader is rebuilt once the restored epoch is known (Lightning first builds it before restoring, to count
-    the steps), so the stream restarts from the interrupted epoch (webdataset shuffles are seeded by seed + epoch).
-    """
-
-    def __init__(self, make_loader, trainer: L.Trainer):
-        self.make_loader, self.trainer = make_loader, trainer
-        self.loader, self.epoch = make_loader(), trainer.current_epoch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str):
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        # a generator: the count is read at the first batch, after Lightning has restored its loops
-        # (the loader is first iterated earlier, when the schedules ask for the number of steps)
-        loop = self.trainer.fit_loop
-        if self.epoch != self.trainer.current_epoch:  # built before the restore: rebuild for the restored epoch
-            self.loader, self.epoch = self.make_loader(), self.trainer.current_epoch
-        skip = loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
-        skip = skip if skip < len(self.loader) else 0  # a finished epoch: the next one starts afresh
-        iterator = iter(self.loader)
-        if skip:
-            log.info(
-                "resuming mid-epoch %d: skipping the %d batches already trained on", self.trainer.current_epoch, skip
-            )
-        for _ in range(skip):
-            next(iterator)
-        yield from iterator
 
 
 def is_complete(path: str | Path) -> bool:

@@ -1,6 +1,6 @@
 """Noisy-pair audit: which training captions does the trained model doubt?
 
-    python -m psdclip.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [fraction=0.5] [batch_size=256]
+    python -m psdclip.tools.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [fraction=0.5] [batch_size=256]
 
 The score is the PSD loss's own doubt (``PSDLoss.doubt`` of the ``loss`` config, the default ``loss=psd``): in a
 batch of ``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine) against the other pairs
@@ -209,7 +209,7 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="audit")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="audit")
 def main(cfg: DictConfig) -> None:
     audit(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -1,4 +1,4 @@
-"""Tabulate and plot a Hydra multirun: ``python -m psdclip.report <multirun dir> [--metric M] [--columns PATTERN ...]``.
+"""Tabulate and plot a Hydra multirun: ``python -m psdclip.tools.report <multirun dir> [--metric M] [--columns PATTERN ...]``.
 
 Each job folder holds ``.hydra/overrides.yaml`` (what the sweeper chose) and ``summary.json`` (what the
 run measured). Writes ``report.csv``, ``report.md`` and ``report.png`` (the metric against each swept value) into the
@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from psdclip.summary import SUMMARY_FILE
+from psdclip.callbacks.summary import SUMMARY_FILE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -188,7 +188,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m psdclip.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m psdclip.tools.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a Hydra multirun folder (logs/train/multiruns/<time>)")
     parser.add_argument("--metric", help="metric to plot (default: the sweep's optimized_metric)")
     parser.add_argument(

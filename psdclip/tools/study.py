@@ -1,6 +1,6 @@
 """The noisy-caption study: CLIP and PSD trained on the embedded data at several caption-noise levels, kinds and seeds.
 
-    python -m psdclip.study [data=embedded|embedded_mosaic] [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3]
+    python -m psdclip.tools.study [data=embedded|embedded_mosaic] [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3]
         [first_seed=0] [methods=clip,psd] [split=test] [metrics=PATTERNS] [out=DIR] [--quick]
         [any train.py override, e.g. trainer.max_epochs=2]
 
@@ -27,14 +27,14 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from psdclip.report import load_jobs, markdown, select_metrics
+from psdclip.tools.report import load_jobs, markdown, select_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,12 @@ STUDY_KEYS = {
     "out": None,
 }
 # a few steps on tiny batches: checks the whole pipeline in seconds (tests, smoke runs)
-QUICK = [
-    "trainer.max_epochs=1",
-    "trainer.max_steps=3",
-    "data.batch_size=32",
-    "data.num_workers=0",
-    "optim.warmup_steps=1",
-    "data.train_size=null",
-    "callbacks.learning_curve.every_n_epochs=1",
-    "callbacks.throughput.window_size=2",
-]
+QUICK = ["debug=tiny", "data.train_size=null", "callbacks.learning_curve.every_n_epochs=1"]
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
     """Split ``key=value`` arguments into the study's settings and the overrides passed on to train.py."""
-    parser = argparse.ArgumentParser(prog="python -m psdclip.study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m psdclip.tools.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
     parser.add_argument(
         "settings",

@@ -1,5 +1,5 @@
 """The embedded dataset's cached shards (one folder per split and data setting, e.g. each ``data.noise`` value):
-``python -m psdclip.cache`` lists them with their sizes, ``--clean`` deletes them (``make clean-cache``); a later run
+``python -m psdclip.tools.cache`` lists them with their sizes, ``--clean`` deletes them (``make clean-cache``); a later run
 writes again the ones it needs.
 
 The cache folder is ``paths.cache_dir`` of ``conf/paths/default.yaml`` (``PSDCLIP_CACHE``, else
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PATHS_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "paths" / "default.yaml"
+PATHS_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "paths" / "default.yaml"
 CACHED = ("fashion_mnist", "fashion_mosaic")  # the folders psdclip.data.embedded and .mosaic write there
 
 
@@ -30,7 +30,7 @@ def cached_sets(cache_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m psdclip.cache", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m psdclip.tools.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clean", action="store_true", help="delete the cached shards")
     parser.add_argument("--cache-dir", type=Path, default=None, help="the cache folder (default: paths.cache_dir)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Export a training checkpoint as an open_clip model folder: `python -m psdclip.export ckpt=... out=...`.
+"""Export a training checkpoint as an open_clip model folder: `python -m psdclip.tools.export ckpt=... out=...`.
 
 The folder holds ``open_clip_config.json`` (model_cfg + preprocess_cfg, open_clip's hub layout),
 ``open_clip_model.safetensors`` and ``<model name>.json`` (the bare model config), so any of these work:
@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     unknown = [arg for arg in argv if "=" not in arg] + sorted(set(args) - {"ckpt", "out", "weights"})
     if unknown or not {"ckpt", "out"} <= set(args):
-        raise SystemExit(f"usage: python -m psdclip.export ckpt=PATH out=DIR [weights=student|ema] (got {argv})")
+        raise SystemExit(f"usage: python -m psdclip.tools.export ckpt=PATH out=DIR [weights=student|ema] (got {argv})")
     return args
 
 
