@@ -26,18 +26,24 @@ def is_number(value) -> bool:
 
 # setting → (is the value valid, what to give instead); settings a config lacks are not checked
 SETTINGS: dict[str, tuple[Callable, str]] = {
-    "optim.lr": (lambda v: is_number(v) and v > 0, "a positive learning rate, e.g. optim.lr=1e-3"),
-    "optim.weight_decay": (lambda v: is_number(v) and v >= 0, "a weight decay >= 0, e.g. optim.weight_decay=0.1"),
-    "optim.eps": (lambda v: is_number(v) and v > 0, "a positive epsilon, e.g. optim.eps=1e-6"),
-    "optim.betas": (
+    "optim.optimizer.lr": (lambda v: is_number(v) and v > 0, "a positive learning rate, e.g. optim.optimizer.lr=1e-3"),
+    "optim.optimizer.weight_decay": (
+        lambda v: is_number(v) and v >= 0,
+        "a weight decay >= 0, e.g. optim.optimizer.weight_decay=0.1",
+    ),
+    "optim.optimizer.eps": (lambda v: is_number(v) and v > 0, "a positive epsilon, e.g. optim.optimizer.eps=1e-6"),
+    "optim.optimizer.betas": (
         lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
-        "two coefficients in [0, 1), e.g. optim.betas=[0.9,0.98]",
+        "two coefficients in [0, 1), e.g. optim.optimizer.betas=[0.9,0.98]",
     ),
-    "optim.warmup_steps": (
+    "optim.scheduler.warmup_steps": (
         lambda v: isinstance(v, int) and v >= 0,
-        "a whole number of steps >= 0, e.g. optim.warmup_steps=100",
+        "a whole number of steps >= 0, e.g. optim.scheduler.warmup_steps=100",
     ),
-    "optim.min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a ratio in [0, 1], e.g. optim.min_lr_ratio=0"),
+    "optim.scheduler.min_lr_ratio": (
+        lambda v: is_number(v) and 0 <= v <= 1,
+        "a ratio in [0, 1], e.g. optim.scheduler.min_lr_ratio=0",
+    ),
     "optim.micro_batches": (
         lambda v: isinstance(v, int) and v >= 1,
         "1 (the whole batch at once) or more pieces, e.g. optim.micro_batches=4",

@@ -1,7 +1,9 @@
-"""The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; AdamW with warm-up + cosine."""
+"""The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; the optimiser and LR schedule
+of the ``optim`` config."""
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -22,8 +24,9 @@ class PSDCLIPModule(L.LightningModule):
     Args:
         clip: the model with its preprocessing and tokenizer (from ``psdclip.models.create_clip``).
         loss: the PSD (or, with alpha_max=0, plain CLIP) loss; it says whether an EMA teacher is kept.
-        lr, weight_decay, betas, eps: AdamW; no decay on gains, biases, norms, scalars and ``logit_scale``.
-        warmup_steps: linear warm-up before the cosine decay to ``min_lr_ratio * lr`` at the last step.
+        optimizer: makes the optimiser from parameter groups (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``,
+            what ``optim.optimizer`` instantiates); gains, biases, norms, scalars and ``logit_scale`` get no decay.
+        scheduler: makes the LR schedule from the optimiser and the run's total steps (``warmup_cosine_schedule``).
         micro_batches: compute each batch in this many pieces with the same loss and gradients as the whole batch
             (the loss, D and the teacher's targets span the whole batch), for ~1/K of the activation memory at the
             cost of one extra no-grad forward pass (see ``step_in_micro_batches``).
@@ -35,18 +38,15 @@ class PSDCLIPModule(L.LightningModule):
         self,
         clip: CLIPBundle,
         loss: PSDLoss,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.0,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler],
         micro_batches: int = 1,
     ):
         super().__init__()
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-        self.save_hyperparameters(ignore=["clip", "loss"])
+        self.save_hyperparameters(ignore=["clip", "loss", "optimizer", "scheduler"])  # the run's config holds them
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.hparams["model_name"] = clip.name
         self.model, self.loss = clip.model, loss
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
@@ -163,18 +163,18 @@ class PSDCLIPModule(L.LightningModule):
             # open_clip's rule: gains, biases, norms, scalars and logit_scale are not decayed
             exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
             (no_decay if exclude else decay).append(param)
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            eps=hp.eps,
-        )
-        total = self.trainer.estimated_stepping_batches
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        optimizer = self.make_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        schedule = self.make_scheduler(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` × the LR at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    )
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only
-    module = PSDCLIPModule(clip, instantiate(cfg.loss), **OmegaConf.to_container(cfg.optim))
+    module = PSDCLIPModule(clip, instantiate(cfg.loss), **instantiate(cfg.optim))
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     # max_steps > 0 ends the run by itself: Lightning would otherwise also stop at max_epochs, whichever comes first

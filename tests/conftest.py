@@ -75,7 +75,7 @@ def train_cfg(tmp_path, fashion_mnist_dir):
                 "data.shard_size=100",
                 "trainer.max_steps=-1",  # the whole epoch
                 "trainer.enable_progress_bar=false",
-                "optim.warmup_steps=2",
+                "optim.scheduler.warmup_steps=2",
                 *overrides,
             ]
         )

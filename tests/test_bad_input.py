@@ -149,7 +149,7 @@ def test_documented_brace_pattern_commands_work(tmp_path):
 # ---------------------------------------------------------------- item 9: settings, start-up errors, latency
 
 
-@pytest.mark.parametrize("setting", ["optim.lr=-1", "data.num_workers=-1"])
+@pytest.mark.parametrize("setting", ["optim.optimizer.lr=-1", "data.num_workers=-1"])
 def test_invalid_settings_are_named_before_torch_loads(setting, tmp_path, fashion_mnist_dir):
     done, seconds = run_cli(
         ["-X", "importtime", "train.py", *tiny_paths(tmp_path, fashion_mnist_dir), setting], tmp_path

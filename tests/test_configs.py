@@ -21,6 +21,7 @@ CONF = Path(CONFIG_DIR)
 GROUPS = ["model", "evaluation", "data", "loss", "optim", "trainer", "callbacks", "logger", "paths", "hydra"]
 GROUPS += ["experiment", "hparams_search", "debug"]
 PAPER_DATASETS = ("cc3m", "cc12m", "yfcc15m")
+USER_GIVEN = {"data.train_shards": "shards/", "model.name": "ViT-B-32"}
 
 
 def options(group: str) -> list[str]:
@@ -52,10 +53,11 @@ def missing(node, prefix: str = "") -> list[str]:
 def test_every_option_of_every_group_composes(group, option):
     cfg = compose_train([f"{group}={option}"])
     tree = OmegaConf.to_container(cfg, resolve=False)
-    # the only value a user must give is the shards of data=shards (hydra's own are set at run time)
-    assert {key for key in missing(tree) if not key.startswith("hydra.")} <= {"data.train_shards"}
-    if tree["data"].get("train_shards") == "???":
-        cfg = compose_train([f"{group}={option}", "data.train_shards=shards/"])
+    # the only values a user must give: the shards of data=shards, the name of model=open_clip (hydra's own are set
+    # at run time)
+    given = {key: USER_GIVEN[key] for key in missing(tree) if not key.startswith("hydra.")}
+    assert set(given) <= set(USER_GIVEN)
+    cfg = compose_train([f"{group}={option}", *(f"{key}={value}" for key, value in given.items())])
     assert tree["trainer"]["_target_"] == "lightning.pytorch.trainer.Trainer"
     # every class or function a config names exists (callbacks, loggers, evaluation sets, strategies, plugins, …)
     assert all(callable(get_object(target)) for target in targets(tree))

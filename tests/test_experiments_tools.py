@@ -332,8 +332,8 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
             "data.noise=0",
             "trainer.max_epochs=100",
             "trainer.max_steps=60",
-            "optim.lr=3e-3",
-            "optim.warmup_steps=5",
+            "optim.optimizer.lr=3e-3",
+            "optim.scheduler.warmup_steps=5",
             "callbacks.media.eval_samples=null",
         )
     )

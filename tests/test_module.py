@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import MAX_LOGIT_SCALE, PSDCLIPModule, warmup_cosine
+from tests.helpers.one_step import optim
 from tests.helpers.trainers import quiet_trainer
 
 
@@ -26,7 +27,7 @@ def fit(module, batches, **trainer_kwargs):
 
 
 def test_no_weight_decay_on_gains_biases_norms_scalars_and_logit_scale():
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss())
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(), **optim())
     module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     optimizer = module.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups
@@ -45,20 +46,31 @@ def test_warmup_then_cosine():
     assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
     assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
     assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+    # as the optim config builds it: the optimiser's LR follows the multiplier step by step
+    made = optim(**{"optimizer.lr": 2e-3, "scheduler.warmup_steps": 10, "scheduler.min_lr_ratio": 0.1})
+    optimizer = made["optimizer"]([torch.nn.Parameter(torch.zeros(1))])
+    schedule, rates = made["scheduler"](optimizer, 110), []
+    for _ in range(111):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(2e-4) and rates[9] == pytest.approx(2e-3) and rates[110] == pytest.approx(2e-4)
 
 
 def test_logit_scale_is_clamped_after_each_step():
     clip = create_clip("psdclip-vit-tiny")
     with torch.no_grad():
         clip.model.logit_scale.fill_(math.log(150.0))
-    module = PSDCLIPModule(clip, PSDLoss(alpha_max=0.0, schedule="constant"), lr=1e-6)
+    module = PSDCLIPModule(clip, PSDLoss(alpha_max=0.0, schedule="constant"), **optim(**{"optimizer.lr": 1e-6}))
     fit(module, tiny_batches(clip, count=1))
     assert module.model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
 
 
 def test_ema_teacher_follows_the_student_and_is_checkpointed(tmp_path):
     clip = create_clip("psdclip-vit-tiny")
-    module = PSDCLIPModule(clip, PSDLoss(teacher="ema", ema_decay=0.5), lr=1e-2, warmup_steps=1)
+    module = PSDCLIPModule(
+        clip, PSDLoss(teacher="ema", ema_decay=0.5), **optim(**{"optimizer.lr": 1e-2, "scheduler.warmup_steps": 1})
+    )
     start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = fit(module, tiny_batches(clip, count=3))
     name = "visual.conv1.weight"

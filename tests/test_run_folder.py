@@ -158,10 +158,11 @@ def test_summary_and_evaluation_results_sit_at_the_run_root(tiny_run):
 
 def test_config_error_reaches_train_log(fashion_mnist_dir, tmp_path):
     done = run(
-        [sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.lr=-1"], timeout=600
+        [sys.executable, "train.py", *tiny_train_overrides(fashion_mnist_dir, tmp_path), "optim.optimizer.lr=-1"],
+        timeout=600,
     )
-    assert done.returncode == 1 and "error: optim.lr=-1 cannot work" in done.stdout, done.stdout[-3000:]
-    assert "error: optim.lr=-1 cannot work" in (tmp_path / "run" / "train.log").read_text()
+    assert done.returncode == 1 and "error: optim.optimizer.lr=-1 cannot work" in done.stdout, done.stdout[-3000:]
+    assert "error: optim.optimizer.lr=-1 cannot work" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_evaluate_writes_results_beside_the_checkpoint(tiny_run, fashion_mnist_dir, tmp_path):

@@ -64,7 +64,7 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
                 "trainer.enable_progress_bar=false",
                 "debug=tiny",
                 "data.shuffle_buffer=64",
-                "optim.warmup_steps=3",
+                "optim.scheduler.warmup_steps=3",
                 f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
                 "loss.teacher=ema",
                 "loss.ema_decay=0.9",

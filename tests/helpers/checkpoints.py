@@ -3,20 +3,17 @@
 from pathlib import Path
 
 import torch
-from omegaconf import ListConfig
 
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
+from tests.helpers.one_step import optim
 from tests.helpers.trainers import quiet_trainer
 
 
 def save_tiny_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
-    # hyperparameters as OmegaConf containers, as train.py passes them
-    module = PSDCLIPModule(
-        create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), betas=ListConfig([0.9, 0.98])
-    )
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(alpha_max=0.0, schedule="constant"), **optim())
     trainer = quiet_trainer()
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)

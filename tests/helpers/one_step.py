@@ -1,13 +1,28 @@
 """One optimiser step of the tiny model on one batch, with what it computed: the logged loss, D, the gradients the
 optimiser saw, and the weights and EMA teacher after the step. The DDP and micro-batch tests compare such steps."""
 
+from pathlib import Path
+
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
 from psdclip.module import PSDCLIPModule
 from tests.helpers.trainers import quiet_trainer
+
+OPTIM_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "optim" / "adamw.yaml"
+
+
+def optim(**settings) -> dict:
+    """The module's optimiser, schedule and micro-batches as ``optim=adamw`` makes them, with ``settings`` (keys
+    below ``optim``, e.g. ``{"optimizer.lr": 1e-2}``) changed."""
+    cfg = OmegaConf.load(OPTIM_CONFIG)
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value)
+    return instantiate(cfg)
 
 
 def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,10 +37,7 @@ def make_module(loss_kwargs: dict, local_loss: bool = False, micro_batches: int 
     module = PSDCLIPModule(
         create_clip("psdclip-vit-tiny"),
         PSDLoss(**loss_kwargs, local_loss=local_loss),
-        lr=1e-3,
-        warmup_steps=1,
-        eps=1e-4,
-        micro_batches=micro_batches,
+        **optim(**{"scheduler.warmup_steps": 1, "optimizer.eps": 1e-4, "micro_batches": micro_batches}),
     )
     if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
         generator = torch.Generator().manual_seed(2)
