@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,7 +23,7 @@ from tests.conftest import tiny_paths, tiny_run_overrides
 from tests.helpers.processes import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.shard_size=100", "trainer.enable_progress_bar=false", "callbacks.media.eval_samples.limit=40"]
+TINY = ["data.shard_size=100", "trainer.enable_progress_bar=false", "callbacks.media.examples=40"]
 
 
 def wandb_records(path: Path):
@@ -61,7 +62,7 @@ def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, t
             "tags=[unit]",
             "trainer.max_steps=3",
             "callbacks.media.every_n_steps=2",
-            "callbacks.media.eval_samples.limit=40",
+            "callbacks.media.examples=40",
         )
     )
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -113,6 +114,22 @@ def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, t
         "eval_fashion_mnist_confusion_matrix_step0000003.png",
         "eval_fashion_mnist_retrieval_text_to_image.md",
     } <= saved
+    # 4 caption queries × top 5 images, from the evaluation's own test images; hit = the caption's own image
+    table = (tmp_path / "run" / "media" / "eval_fashion_mnist_retrieval_text_to_image.md").read_text().splitlines()
+    assert table[0] == "| query | rank | class | hit |" and len(table) == 2 + 4 * 5
+
+
+def test_media_pictures_undo_the_model_transform_s_normalisation():
+    from PIL import Image
+    from torchvision import transforms
+
+    from psdclip.callbacks.media import picture
+
+    pixels = torch.randint(0, 256, (6, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.numpy())
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.25])])
+    shown = torch.from_numpy(np.array(picture(transform(image), transform))).int()
+    assert (shown - pixels.int()).abs().max() <= 1
 
 
 def test_git_state_names_this_checkout_commit():
@@ -144,7 +161,7 @@ def test_log_progress_reports_loss_alpha_and_samples_per_second(train_cfg, caplo
             "callbacks.progress.style=log",
             "callbacks.progress.every_n_steps=2",
             "trainer.max_steps=4",
-            "callbacks.media.eval_samples=null",
+            "callbacks.media.examples=0",
         )
     )
     lines = [r.getMessage() for r in caplog.records if r.name == "psdclip.callbacks.progress"]
@@ -334,7 +351,7 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
             "trainer.max_steps=60",
             "optim.optimizer.lr=3e-3",
             "optim.scheduler.warmup_steps=5",
-            "callbacks.media.eval_samples=null",
+            "callbacks.media.examples=0",
         )
     )
     # … then audits the same images with 30% of the captions naming a wrong class

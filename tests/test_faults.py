@@ -53,7 +53,7 @@ def train_command(source: Path, cache: Path, log_dir: Path, *overrides: str) -> 
         "data.shard_size=100",
         "trainer.enable_progress_bar=false",
         "evaluation.batch_size=500",
-        "callbacks.media.eval_samples.limit=50",
+        "callbacks.media.examples=50",
         *overrides,
     ]
 

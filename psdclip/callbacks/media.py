@@ -13,11 +13,13 @@ import lightning as L
 import matplotlib
 import numpy as np
 import torch
-import webdataset as wds
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
+from torchvision.transforms import Normalize
+from torchvision.transforms.functional import to_pil_image
 
-from psdclip.data.sources import expand_shards
+from psdclip.eval.datasets import EvalSet
+from psdclip.eval.suite import EvalSuite
 from psdclip.eval.zeroshot import classifier_weights
 
 matplotlib.use("Agg")
@@ -27,55 +29,31 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalSamples:
-    """A few labelled, captioned evaluation images: model inputs, originals for display, labels, one caption each."""
+class Examples:
+    """The first test images of an evaluation set: model inputs, labels (-1: none) and one caption each (None: none)."""
 
     images: torch.Tensor
-    originals: list[Image.Image]
     labels: torch.Tensor
-    captions: list[str]
-    classnames: list[str]
-    templates: list[str]
+    captions: list[str | None]
 
 
-class EmbeddedEvalSamples:
-    """The first ``limit`` images of the embedded Fashion-MNIST test split, with their clean captions."""
+def first_examples(eval_set: EvalSet, transform, count: int, batch_size: int) -> Examples:
+    images, labels, captions = [], [], []
+    for batch_images, batch_labels, batch_captions in eval_set.batches("test", transform, batch_size):
+        images.append(batch_images)
+        labels.append(batch_labels)
+        captions += [texts[0] if texts else None for texts in batch_captions]
+        if len(captions) >= count:
+            break
+    return Examples(torch.cat(images)[:count], torch.cat(labels)[:count], captions[:count])
 
-    name = "fashion_mnist"
 
-    def __init__(self, source_dir: str, cache_dir: str, limit: int = 1000):
-        from psdclip.data.embedded import CLASSNAMES, RESOURCES, FashionMNISTShards
-
-        self.split = FashionMNISTShards("test", source_dir, cache_dir)
-        self.classnames, self.limit = CLASSNAMES, limit
-        self.templates = [
-            line.strip()
-            for line in (RESOURCES / "zeroshot_classification_templates.txt").read_text().splitlines()
-            if line.strip()
-        ]
-
-    def load(self, transform) -> EvalSamples:
-        self.split.ensure()
-        samples = wds.DataPipeline(
-            wds.SimpleShardList(expand_shards(self.split.pattern)),
-            wds.tarfile_to_samples(),
-            wds.decode("pil"),
-            wds.to_tuple("png", "cls", "json"),
-            wds.slice(self.limit),
-        )
-        originals, labels, captions = [], [], []
-        for image, label, meta in samples:
-            originals.append(image.convert("RGB"))
-            labels.append(int(label))
-            captions.append(meta["captions"][0])
-        return EvalSamples(
-            torch.stack([transform(image) for image in originals]),
-            originals,
-            torch.tensor(labels),
-            captions,
-            self.classnames,
-            self.templates,
-        )
+def picture(image: torch.Tensor, transform) -> Image.Image:
+    """A model input shown as a picture: the transform's normalisation undone."""
+    normalize = next((t for t in getattr(transform, "transforms", []) if isinstance(t, Normalize)), None)
+    if normalize is not None:
+        image = image * torch.tensor(normalize.std).view(-1, 1, 1) + torch.tensor(normalize.mean).view(-1, 1, 1)
+    return to_pil_image(image.clamp(0, 1))
 
 
 class MediaCallback(L.Callback):
@@ -85,7 +63,9 @@ class MediaCallback(L.Callback):
         every_n_steps: heatmaps after optimiser steps 1, 1 + n, 1 + 2n, …
         max_pairs: the heatmaps show this rank's first ``max_pairs`` pairs: the logits and targets the loss of that
             step used (over the whole batch, with its distillation subset D).
-        eval_samples: labelled captioned images for the confusion matrix and retrieval tables (None: skip them).
+        suite: the run's evaluation: the confusion matrix and retrieval tables show the first ``examples`` test
+            images of its first dataset (the confusion matrix where it has class names and templates, the tables
+            among the images that have captions). None or ``examples=0``: neither.
         queries, top_k: retrieval tables show ``top_k`` matches for each of ``queries`` queries per direction.
         save_dir: folder for the PNG/Markdown copies.
     """
@@ -94,19 +74,16 @@ class MediaCallback(L.Callback):
         self,
         every_n_steps: int = 200,
         max_pairs: int = 32,
-        eval_samples: EmbeddedEvalSamples | None = None,
+        suite: EvalSuite | None = None,
+        examples: int = 1000,
         queries: int = 4,
         top_k: int = 5,
         eval_batch_size: int = 500,
         save_dir: str | None = None,
     ):
         self.every_n_steps, self.max_pairs = every_n_steps, max_pairs
-        self.eval_samples, self.queries, self.top_k, self.eval_batch_size = (
-            eval_samples,
-            queries,
-            top_k,
-            eval_batch_size,
-        )
+        self.suite, self.examples, self.queries, self.top_k = suite, examples, queries, top_k
+        self.eval_batch_size = eval_batch_size
         self.save_dir = Path(save_dir) if save_dir else None
 
     # ---- publishing -------------------------------------------------------------------------------------------
@@ -163,71 +140,69 @@ class MediaCallback(L.Callback):
     # ---- after training: zero-shot confusion matrix, retrieval examples, summary --------------------------------
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.eval_samples is None or not trainer.is_global_zero:
+        if self.suite is None or not self.examples or not self.suite.datasets or not trainer.is_global_zero:
             return
+        name, eval_set = next(iter(self.suite.datasets.items()))
         was_training = pl_module.training
         pl_module.eval()
-        data = self.eval_samples.load(pl_module.eval_transform)
-        device, name, step = pl_module.device, self.eval_samples.name, trainer.global_step
+        data = first_examples(eval_set, pl_module.eval_transform, self.examples, self.eval_batch_size)
+        device, step = pl_module.device, trainer.global_step
         image_features = torch.cat(
             [
                 pl_module.encode_image(chunk.to(device)).float().cpu()
                 for chunk in data.images.split(self.eval_batch_size)
             ]
         )
-        weights = classifier_weights(
-            pl_module.encode_text, pl_module.tokenizer, data.classnames, data.templates, device
-        ).cpu()
-        text_features = torch.cat(
-            [
-                pl_module.encode_text(pl_module.tokenizer(data.captions[i : i + self.eval_batch_size]).to(device))
-                .float()
-                .cpu()
-                for i in range(0, len(data.captions), self.eval_batch_size)
-            ]
-        )
+        labelled = "zeroshot" in eval_set.tasks and bool((data.labels >= 0).all())
+        classnames = eval_set.classnames if labelled else None
+        if labelled:
+            weights = classifier_weights(
+                pl_module.encode_text, pl_module.tokenizer, classnames, eval_set.templates, device
+            ).cpu()
+            predictions = (image_features @ weights.T).argmax(dim=1)
+            self._confusion(trainer, f"eval/{name}/confusion_matrix", data.labels, predictions, classnames, step)
+        captioned = [index for index, caption in enumerate(data.captions) if caption is not None]
+        if captioned:
+            captions = [data.captions[index] for index in captioned]
+            text_features = torch.cat(
+                [
+                    pl_module.encode_text(pl_module.tokenizer(captions[i : i + self.eval_batch_size]).to(device))
+                    .float()
+                    .cpu()
+                    for i in range(0, len(captions), self.eval_batch_size)
+                ]
+            )
+            self._retrieval_tables(
+                trainer, name, data, captioned, text_features @ image_features[captioned].T, classnames
+            )
         pl_module.train(was_training)
-        predictions = (image_features @ weights.T).argmax(dim=1)
-        self._confusion(trainer, f"eval/{name}/confusion_matrix", data.labels, predictions, data.classnames, step)
-        similarity = text_features @ image_features.T
+
+    def _retrieval_tables(self, trainer, name: str, data: Examples, captioned: list[int], similarity, classnames):
+        """The top matches of the first captions and images; ``hit``: the match is the query's own pair."""
+        step, pictures = trainer.global_step, {}
+
+        def shown(index: int) -> Image.Image:
+            if index not in pictures:
+                pictures[index] = picture(data.images[index], trainer.lightning_module.eval_transform)
+            return pictures[index]
+
+        def label(index: int) -> str:
+            return classnames[data.labels[index]] if classnames else ""
+
         text_rows, image_rows = [], []
-        for query in range(min(self.queries, len(data.captions))):
-            for rank, match in enumerate(similarity[query].topk(min(self.top_k, len(data.labels))).indices.tolist()):
-                text_rows.append(
-                    [
-                        data.captions[query],
-                        rank + 1,
-                        data.originals[match],
-                        data.classnames[data.labels[match]],
-                        bool(data.labels[match] == data.labels[query]),
-                    ]
-                )
-            for rank, match in enumerate(
-                similarity[:, query].topk(min(self.top_k, len(data.captions))).indices.tolist()
-            ):
-                image_rows.append(
-                    [
-                        data.originals[query],
-                        data.classnames[data.labels[query]],
-                        rank + 1,
-                        data.captions[match],
-                        bool(data.labels[match] == data.labels[query]),
-                    ]
-                )
-        self._table(
-            trainer,
-            f"eval/{name}/retrieval_text_to_image",
-            ["query", "rank", "image", "class", "same_class"],
-            text_rows,
-            step,
-        )
-        self._table(
-            trainer,
-            f"eval/{name}/retrieval_image_to_text",
-            ["image", "class", "rank", "caption", "same_class"],
-            image_rows,
-            step,
-        )
+        for query in range(min(self.queries, len(captioned))):
+            own = captioned[query]
+            for rank, match in enumerate(similarity[query].topk(min(self.top_k, len(captioned))).indices.tolist()):
+                image = captioned[match]
+                text_rows.append([data.captions[own], rank + 1, shown(image), label(image), image == own])
+            for rank, match in enumerate(similarity[:, query].topk(min(self.top_k, len(captioned))).indices.tolist()):
+                image_rows.append([shown(own), label(own), rank + 1, data.captions[captioned[match]], match == query])
+        columns = {
+            "retrieval_text_to_image": ["query", "rank", "image", "class", "hit"],
+            "retrieval_image_to_text": ["image", "class", "rank", "caption", "hit"],
+        }
+        for (table, header), rows in zip(columns.items(), (text_rows, image_rows)):
+            self._table(trainer, f"eval/{name}/{table}", header, rows, step)
 
     def _confusion(
         self, trainer, key: str, labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str], step: int
