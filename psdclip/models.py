@@ -19,6 +19,19 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 quiet_libraries()  # every entry point builds its models through here
 
 
+class NormalizedEncoders:
+    """L2-normalised ``encode_image``/``encode_text`` of ``self.model`` (an open_clip model): what training,
+    evaluation, the media and the audit encode with."""
+
+    model: nn.Module
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images, normalize=True)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+
 @dataclass
 class CLIPBundle:
     """An open_clip model with the preprocessing and tokenizer that belong to it."""

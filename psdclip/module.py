@@ -11,14 +11,14 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from psdclip.loss import PSDLoss, PSDOutput
-from psdclip.models import CLIPBundle
+from psdclip.models import CLIPBundle, NormalizedEncoders
 
 MAX_LOGIT_SCALE = math.log(100.0)
 FEATURE_KEYS = ("image_features", "text_features", "logit_scale")  # what the loss reads of open_clip's output dict
 NOISE_DIAGNOSTICS = ("batch_noise", "distill_precision", "distill_recall")
 
 
-class PSDCLIPModule(L.LightningModule):
+class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
     """open_clip dual encoder trained with the PSD loss.
 
     Args:
@@ -53,12 +53,6 @@ class PSDCLIPModule(L.LightningModule):
         self.teacher = loss.make_teacher(self.model)
         # micro-batches need a backward pass per piece inside the step, which Lightning allows only when optimising by hand
         self.automatic_optimization = micro_batches == 1
-
-    def encode_image(self, images: Tensor) -> Tensor:
-        return self.model.encode_image(images, normalize=True)
-
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        return self.model.encode_text(tokens, normalize=True)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict:
         """``batch``: images, tokens and optionally the data's noise marks (diagnostics only)."""

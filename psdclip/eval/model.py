@@ -2,29 +2,24 @@
 
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from psdclip.models import (
     CLIPBundle,
+    NormalizedEncoders,
     architecture_mismatch,
     create_clip,
     load_clip_checkpoint,
 )
 
 
-class CLIPEncoders(nn.Module):
+class CLIPEncoders(NormalizedEncoders, nn.Module):
     """``encode_image``/``encode_text`` (L2-normalised), ``tokenizer`` and ``eval_transform`` — what the suite needs."""
 
     def __init__(self, clip: CLIPBundle):
         super().__init__()
         self.name, self.model = clip.name, clip.model
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
-
-    def encode_image(self, images: Tensor) -> Tensor:
-        return self.model.encode_image(images, normalize=True)
-
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        return self.model.encode_text(tokens, normalize=True)
 
 
 def load_checkpoint(path: str | Path) -> CLIPEncoders:

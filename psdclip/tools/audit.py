@@ -25,7 +25,6 @@ import hydra
 import matplotlib
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -33,6 +32,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from psdclip.data.samples import caption_of, image_of
+from psdclip.eval.model import CLIPEncoders
 from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle, load_clip_checkpoint
 from psdclip.module import MAX_LOGIT_SCALE
@@ -105,10 +105,8 @@ class Auditor:
     def encode(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([item["input"] for item in batch]).to(self.device)
         tokens = self.clip.tokenizer([item["caption"] for item in batch]).to(self.device)
-        model = self.clip.model
-        return F.normalize(model.encode_image(images).float(), dim=-1), F.normalize(
-            model.encode_text(tokens).float(), dim=-1
-        )
+        encoders = CLIPEncoders(self.clip)
+        return encoders.encode_image(images).float(), encoders.encode_text(tokens).float()
 
     def run(self, stream: PairStream, batch_size: int, fraction: float, limit: int | None, grid: int):
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
