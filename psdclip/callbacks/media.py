@@ -21,6 +21,7 @@ from torchvision.transforms.functional import to_pil_image
 from psdclip.eval.datasets import EvalSet
 from psdclip.eval.suite import EvalSuite
 from psdclip.eval.zeroshot import classifier_weights
+from psdclip.tables import markdown_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -101,9 +102,7 @@ class MediaCallback(L.Callback):
     def _table(self, trainer: L.Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
         """``rows`` may hold PIL images: W&B shows them; the Markdown copies list the text columns only."""
         text_columns = [i for i, value in enumerate(rows[0]) if not isinstance(value, Image.Image)]
-        lines = ["| " + " | ".join(columns[i] for i in text_columns) + " |", "|" + "---|" * len(text_columns)]
-        lines += ["| " + " | ".join(str(row[i]) for i in text_columns) + " |" for row in rows]
-        markdown = "\n".join(lines)
+        markdown = markdown_table([columns[i] for i in text_columns], ([row[i] for i in text_columns] for row in rows))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
@@ -114,7 +113,7 @@ class MediaCallback(L.Callback):
                 logger.experiment.add_text(key, markdown, global_step=step)
         if self.save_dir:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            (self.save_dir / f"{key.replace('/', '_')}.md").write_text(markdown + "\n")
+            (self.save_dir / f"{key.replace('/', '_')}.md").write_text(markdown)
 
     # ---- every N steps: what the loss saw ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from psdclip.tables import text_table
+
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
@@ -16,14 +18,7 @@ COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "wall_time_s")
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of run summaries, one row per run."""
     columns = [c for c in COLUMNS if any(c in row for row in rows)] + ["output_dir"]
-
-    def cell(value):
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    widths = {c: max(len(c), *(len(cell(row.get(c, ""))) for row in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(cell(row.get(c, "")).ljust(widths[c]) for c in columns) for row in rows]
-    return "\n".join(lines)
+    return text_table(columns, ([row.get(c) for c in columns] for row in rows))
 
 
 class MultirunSummary(Callback):

@@ -14,6 +14,7 @@ from psdclip.eval.retrieval import retrieval_metrics
 from psdclip.eval.robustness import effective_robustness
 from psdclip.eval.zeroshot import classification_metrics, classifier_weights
 from psdclip.runlog import Progress
+from psdclip.tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,7 @@ def write_results(path: str | Path, metrics: dict[str, float], **info) -> Path:
 
 
 def format_results(metrics: dict[str, float]) -> str:
-    """A table: one row per dataset, one column per metric (tasks' metrics as ``task_metric``)."""
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        _, dataset, metric = key.split("/", 2)
-        rows.setdefault(dataset, {})[metric] = value
-    lines = []
-    for dataset, values in rows.items():
-        lines.append(dataset)
-        lines += [
-            f"  {metric:<32} {value:.4f}" if metric != "linear_probe_C" else f"  {metric:<32} {value:.3g}"
-            for metric, value in values.items()
-        ]
-    return "\n".join(lines)
+    """A table: one row per dataset and metric (tasks' metrics as ``task_metric``)."""
+    return text_table(
+        ["dataset", "metric", "value"], (key.split("/", 2)[1:] + [value] for key, value in metrics.items())
+    )

@@ -23,6 +23,8 @@ from psdclip.callbacks.summary import SUMMARY_FILE
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from psdclip.tables import markdown_table
+
 log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = ("eval/*",)
@@ -123,14 +125,7 @@ def table(jobs: list[Job], keys: list[str], metrics: list[str]) -> pd.DataFrame:
 
 
 def markdown(frame: pd.DataFrame, digits: int = 4) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.{digits}g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(list(frame.columns), frame.itertuples(index=False), digits)
 
 
 def plot_sweep(frame: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
