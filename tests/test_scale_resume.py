@@ -1,7 +1,6 @@
 """Resuming with ckpt_path=last follows the uninterrupted run; checkpoints are atomic; open_clip export round-trips."""
 
 import csv
-import gzip
 from pathlib import Path
 
 import lightning as L
@@ -17,25 +16,16 @@ from omegaconf import open_dict
 from psdclip.callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from psdclip.tools.export import export
 from psdclip.training import train
+from tests.conftest import make_fashion_mnist
 from tests.helpers.trainers import quiet_trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 STEPS, CRASH_AFTER, EVERY = 10, 8, 7  # 6 batches per epoch: the resume at step 7 is mid-epoch 1
 
 
-def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for prefix, count in (("train", 192), ("t10k", 40)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)), 0x803)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count), 0x801)
-    return folder
+    return make_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=192, test=40)
 
 
 class CrashAfter(L.Callback):
