@@ -384,3 +384,37 @@ def test_outscored_takes_at_most_alpha_n_pairs_largest_gap_first():
 def test_negative_outscore_margin_is_refused():
     with pytest.raises(ValueError, match="outscore_margin must be >= 0, got -1"):
         PSDLoss(outscore_margin=-1)
+
+
+def test_outscore_ramp_weights_each_pair_s_soft_target_by_its_gap_past_the_margin():
+    # image k scores caption k+1 2k logits above its own caption (gap 2k image→text); the text→image gaps follow
+    n, margin, ramp = 6, 1.0, 4.0
+    logits = torch.zeros(n, n, dtype=torch.float64)
+    for k in range(n):
+        logits[k, (k + 1) % n] = 2.0 * k
+    loss = PSDLoss(
+        alpha_max=0.99,
+        schedule="constant",
+        subset="outscored",
+        teacher="self",
+        scope="batch",
+        mix=0.8,
+        outscore_margin=margin,
+        outscore_ramp=ramp,
+    )
+    out = loss.from_logits(logits, logits.T.contiguous(), torch.arange(n), 0.99, 0)
+    gap = torch.tensor([2.0 * k for k in range(n)], dtype=torch.float64)
+    gap = (gap + torch.stack([logits[:, k].max() - logits[k, k] for k in range(n)])) / 2  # mean of the two directions
+    expected = 0.8 * ((gap - margin) / ramp).clamp(0, 1) * (gap > margin)
+    torch.testing.assert_close(out.mix, expected.to(out.mix.dtype))
+    assert out.distill.tolist() == (gap > margin).tolist()
+    # the targets the loss used: each distilled row mixes its own one-hot back in by 1 − its weight
+    targets, soft = loss.targets(out), logits.softmax(dim=1)
+    for row in range(n):
+        one_hot = F.one_hot(torch.tensor(row), n).to(soft.dtype)
+        torch.testing.assert_close(targets[row], expected[row] * soft[row] + (1 - expected[row]) * one_hot)
+
+
+def test_negative_outscore_ramp_is_refused():
+    with pytest.raises(ValueError, match="outscore_ramp must be >= 0, got -2"):
+        PSDLoss(outscore_ramp=-2)
