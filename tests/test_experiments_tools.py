@@ -388,8 +388,9 @@ def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "foreign.ckpt")
 
 
-def test_audit_reads_captions_under_a_json_field(tmp_path):
-    """The audit parses samples as training does: ``data.text_key=json:caption`` finds captions in the json."""
+def test_audit_reads_captions_under_a_json_field_and_counts_what_training_skips(tmp_path):
+    """The audit reads and parses samples as training does: ``data.text_key=json:caption`` finds captions in the
+    json, and a pair training would skip is skipped and counted by kind."""
     import webdataset as wds
 
     from psdclip.tools.audit import PairStream
@@ -400,6 +401,10 @@ def test_audit_reads_captions_under_a_json_field(tmp_path):
         for i in range(3):
             meta = {"caption": f"caption {i}", "corrupted": i == 1}
             sink.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "json": json.dumps(meta).encode()})
-    (batch,) = PairStream([str(shard)], "jpg;png", "json:caption").batches(lambda image: image.size, batch_size=8)
+        sink.write({"__key__": "000000003", "jpg": jpeg(3)[:60], "json": b'{"caption": "cut off"}'})
+        sink.write({"__key__": "000000004", "jpg": jpeg(4), "json": b'{"title": "no caption field"}'})
+    stream = PairStream([str(shard)], "jpg;png", "json:caption")
+    (batch,) = stream.batches(lambda image: image.size, batch_size=8)
+    assert stream.skipped == {"image_undecodable": 1, "caption_missing": 1}
     assert [item["caption"] for item in batch] == ["caption 0", "caption 1", "caption 2"]
     assert [item["meta"]["corrupted"] for item in batch] == [False, True, False] and batch[0]["input"] == (8, 8)

@@ -14,10 +14,14 @@ which captions were corrupted (the embedded data's ``json``), it adds precision 
 """
 
 import heapq
+import itertools
 import json
 import logging
 import math
+import sys
 import textwrap
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +29,12 @@ import hydra
 import matplotlib
 import pandas as pd
 import torch
-import webdataset as wds
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from psdclip.data.samples import caption_of, image_of
+from psdclip.data.samples import BadSample, caption_of, image_keys, image_of, shard_samples
 from psdclip.eval.model import CLIPEncoders
 from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle, load_clip_checkpoint
@@ -51,36 +54,40 @@ def batch_doubt(loss: PSDLoss, image: torch.Tensor, text: torch.Tensor, scale: f
 
 @dataclass
 class PairStream:
-    """Image–caption pairs of a shard pattern, in order, with shard, key and (when present) the sample's json."""
+    """Image–caption pairs of a shard pattern, in order, with shard, key and (when present) the sample's json. Read
+    and parsed as training reads them (``shard_samples``, ``image_of``, ``caption_of``): a pair training would skip is
+    skipped here too, and counted by kind in ``skipped``."""
 
     shards: list[str]
     image_key: str
     text_key: str
+    skipped: Counter = field(default_factory=Counter)
+
+    def count(self, kind: str, url: str, detail: str = "", count: int = 1) -> None:
+        if not self.skipped[kind]:
+            log.warning("skipping %s in %s: %s (further ones are counted in audit.json)", kind, url, detail)
+        self.skipped[kind] += count
+
+    def pairs(self) -> Iterator[dict]:
+        for url in self.shards:
+            for sample in shard_samples(url, 0, sys.maxsize, self.count):
+                try:
+                    pair = {
+                        "image": image_of(sample, image_keys(self.image_key)),
+                        "caption": caption_of(sample, self.text_key),
+                    }
+                except BadSample as bad:
+                    self.count(bad.kind, url, bad.detail)
+                    continue
+                try:
+                    meta = json.loads(sample["json"]) if "json" in sample else {}
+                except ValueError:  # unreadable metadata: the pair is still audited, without known corruption
+                    meta = {}
+                yield {**pair, "shard": url, "key": sample["__key__"], "meta": meta if isinstance(meta, dict) else {}}
 
     def batches(self, transform, batch_size: int, limit: int | None = None):
-        def pair(sample: dict) -> dict:
-            # the training reader's own parsing: a json:<field> text key and a bad member mean the same here
-            try:
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-            except ValueError:  # unreadable metadata: the pair is still audited, without known corruption
-                meta = {}
-            return {
-                "image": image_of(sample, tuple(self.image_key.split(";"))),
-                "caption": caption_of(sample, self.text_key),
-                "shard": sample["__url__"],
-                "key": sample["__key__"],
-                "meta": meta if isinstance(meta, dict) else {},
-            }
-
-        stages = [
-            wds.SimpleShardList(self.shards),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.map(pair, handler=wds.warn_and_continue),
-        ]
-        if limit:
-            stages.append(wds.slice(limit))
         batch = []
-        for item in wds.DataPipeline(*stages):
+        for item in itertools.islice(self.pairs(), limit):
             item["input"] = transform(item["image"])
             batch.append(item)
             if len(batch) == batch_size:
@@ -198,10 +205,13 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
         "batch_size": cfg.batch_size,
         "fraction": cfg.fraction,
         **quality(frame),
+        "skipped": dict(stream.skipped),
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
     figures = "  ".join(
-        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in ("ckpt", "shards")
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in result.items()
+        if k not in ("ckpt", "shards", "skipped")
     )
     print(f"audit: {figures}\nwritten to {out_dir} (scores.csv, suspects.csv, suspects.png, audit.json)")
     return result
