@@ -18,6 +18,7 @@ from psdclip.loggers import git_state
 from psdclip.tools.audit import batch_doubt, quality
 from psdclip.tools.report import Job, parse_overrides, swept_keys
 from psdclip.tools.study import aggregate, parse
+from psdclip.tools.study import main as study_main
 from psdclip.training import train
 from tests.conftest import tiny_paths, tiny_run_overrides
 from tests.helpers.processes import run_in_session
@@ -302,6 +303,11 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     # each run's headline is the end-of-training evaluation's zero-shot, not the val learning curve's
     summary = json.loads(next(out.glob("*/0/summary.json")).read_text())
     assert summary["zeroshot_top1"] == summary["metrics"]["eval/fashion_mnist/zeroshot_top1"]
+    # --summarise trains nothing and writes the same tables again from the runs under out=
+    written = (out / "study.md").read_text()
+    (out / "study.md").unlink()
+    study_main(["--summarise", f"out={out}"])
+    assert (out / "study.md").read_text() == written
 
 
 @pytest.mark.parametrize("subset", ["outscored", "doubt"])

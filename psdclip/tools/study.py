@@ -13,7 +13,8 @@ its learning curve (the experiment evaluates every few epochs), so memorisation 
 the headline metric and the learning curve, and the noise kinds partial and swap by default.
 
 Choose settings with ``split=val`` (held-out training images) and other seeds (``first_seed=100``); report with
-``split=test`` and the seeds 0, 1, 2.
+``split=test`` and the seeds 0, 1, 2. ``--summarise out=DIR`` trains nothing and tabulates every sweep folder under DIR
+(e.g. one ``train.py -m … hydra.sweep.dir=DIR/<name>`` per seed, run side by side).
 """
 
 import argparse
@@ -89,6 +90,11 @@ def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
     parser = argparse.ArgumentParser(prog="python -m psdclip.tools.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
     parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="train nothing: tabulate and plot the runs already under out=DIR (e.g. sweeps run side by side into it)",
+    )
+    parser.add_argument(
         "settings",
         nargs="*",
         help="data=…, noise=…, kinds=…, seeds=N, first_seed=S, methods=…, "
@@ -111,6 +117,9 @@ def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
         parser.error(f"split must be test or val, got {settings['split']!r}")
     if settings["data"] not in STUDY_DATA:
         parser.error(f"data must be one of {', '.join(STUDY_DATA)}, got {settings['data']!r}")
+    if args.summarise and not settings["out"]:
+        parser.error("--summarise needs out=DIR, the study folder whose runs to summarise")
+    settings["summarise"] = args.summarise
     data = STUDY_DATA[settings["data"]]
     settings["kinds"] = settings["kinds"] or data.kinds
     settings["metrics"] = settings["metrics"] or data.metrics
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     study_dir = Path(settings["out"] or f"logs/noisy_captions/study_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     started = time.perf_counter()
-    for cmd in commands(settings, overrides, quick, study_dir):
+    for cmd in [] if settings["summarise"] else commands(settings, overrides, quick, study_dir):
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
     log.info("study trainings took %.1f min", (time.perf_counter() - started) / 60)
