@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -247,3 +248,19 @@ def test_a_sweep_objective_the_run_did_not_measure_raises():
         sweep_objective(cfg, metrics, sweeping=True)
     assert sweep_objective(cfg, metrics, sweeping=False) is None  # a single run still ends normally
     assert sweep_objective(OmegaConf.create({"optimized_metric": "train/loss"}), metrics, sweeping=True) == 2.0
+
+
+def test_an_evaluation_shard_cut_off_midway_stops_the_evaluation_naming_it(tmp_path):
+    """Evaluation sets are read with the training reader; where training skips and counts a broken shard, an
+    evaluation stops: a set with a hole would report wrong numbers."""
+    (tmp_path / "test").mkdir()
+    shard = tmp_path / "test" / "0.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"{i:04d}", "jpg": jpeg(i, size=32), "cls": str(i % 2).encode()})
+    with tarfile.open(shard) as archive:
+        member = archive.getmembers()[20]  # the 11th sample's image
+    shard.write_bytes(shard.read_bytes()[: member.offset_data + member.size // 2])  # cut inside its data
+    with pytest.raises(tarfile.ReadError, match=f"evaluation shard {shard}: shard_truncated"):
+        for _ in WdsEvalSet(str(tmp_path)).batches("test", lambda image: torch.zeros(1), batch_size=4):
+            pass

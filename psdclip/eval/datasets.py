@@ -6,15 +6,18 @@ which tasks it supports.
 """
 
 import logging
+import sys
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from psdclip.data.samples import shard_samples
 from psdclip.data.sources import expand_shards
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,18 @@ def resolve_file(name: str | Path | None, default: Path) -> Path:
     if not path.exists() and path.name == str(name) and (RESOURCES / path).is_file():
         return RESOURCES / path
     return path
+
+
+def read_tars(sources: Iterable[dict]) -> Iterator[dict]:
+    """webdataset stage: each shard's samples, read as training reads them (``shard_samples``); a shard that cannot
+    be read whole stops the evaluation, naming it (a set with a hole would report wrong numbers)."""
+    for source in sources:
+        yield from shard_samples(source["url"], 0, sys.maxsize, unreadable)
+
+
+def unreadable(kind: str, url: str, detail: str = "", count: int = 1) -> NoReturn:
+    error = sys.exc_info()[1]  # the read error shard_samples is handling, raised again with the shard's name
+    raise type(error)(f"{error} (evaluation shard {url}: {kind})") from error
 
 
 def collate(samples: list[tuple]) -> Batch:
@@ -143,7 +158,7 @@ class WdsEvalSet(EvalSet):
         stages = [
             wds.SimpleShardList(shards[rank::world_size] if len(shards) >= world_size else shards),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            read_tars,
         ]
         if len(shards) < world_size:  # too few shards to give each rank its own: split samples instead
             stages.append(
