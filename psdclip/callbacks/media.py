@@ -7,6 +7,7 @@ always as PNG/Markdown files under ``save_dir`` so CSV-only runs have them too.
 
 import logging
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ from torchvision.transforms import Normalize
 from torchvision.transforms.functional import to_pil_image
 
 from psdclip.eval.datasets import EvalSet
+from psdclip.eval.features import Runtime, encode_texts, split_features
 from psdclip.eval.suite import EvalSuite
 from psdclip.eval.zeroshot import classifier_weights
 from psdclip.tables import markdown_table
@@ -145,13 +147,9 @@ class MediaCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         data = first_examples(eval_set, pl_module.eval_transform, self.examples, self.eval_batch_size)
-        device, step = pl_module.device, trainer.global_step
-        image_features = torch.cat(
-            [
-                pl_module.encode_image(chunk.to(device)).float().cpu()
-                for chunk in data.images.split(self.eval_batch_size)
-            ]
-        )
+        device, step, runtime = pl_module.device, trainer.global_step, Runtime(pl_module.device)
+        chunks = zip(data.images.split(self.eval_batch_size), data.labels.split(self.eval_batch_size), repeat([]))
+        image_features = split_features(pl_module, chunks, runtime).images
         labelled = "zeroshot" in eval_set.tasks and bool((data.labels >= 0).all())
         classnames = eval_set.classnames if labelled else None
         if labelled:
@@ -162,27 +160,20 @@ class MediaCallback(L.Callback):
             self._confusion(trainer, f"eval/{name}/confusion_matrix", data.labels, predictions, classnames, step)
         captioned = [index for index, caption in enumerate(data.captions) if caption is not None]
         if captioned:
-            captions = [data.captions[index] for index in captioned]
-            text_features = torch.cat(
-                [
-                    pl_module.encode_text(pl_module.tokenizer(captions[i : i + self.eval_batch_size]).to(device))
-                    .float()
-                    .cpu()
-                    for i in range(0, len(captions), self.eval_batch_size)
-                ]
-            )
-            self._retrieval_tables(
-                trainer, name, data, captioned, text_features @ image_features[captioned].T, classnames
-            )
+            text_features = encode_texts(pl_module, [data.captions[index] for index in captioned], runtime)
+            similarity = text_features @ image_features[captioned].T
+            self._retrieval_tables(trainer, name, data, captioned, similarity, classnames, pl_module.eval_transform)
         pl_module.train(was_training)
 
-    def _retrieval_tables(self, trainer, name: str, data: Examples, captioned: list[int], similarity, classnames):
+    def _retrieval_tables(
+        self, trainer, name: str, data: Examples, captioned: list[int], similarity, classnames, transform
+    ):
         """The top matches of the first captions and images; ``hit``: the match is the query's own pair."""
         step, pictures = trainer.global_step, {}
 
         def shown(index: int) -> Image.Image:
             if index not in pictures:
-                pictures[index] = picture(data.images[index], trainer.lightning_module.eval_transform)
+                pictures[index] = picture(data.images[index], transform)
             return pictures[index]
 
         def label(index: int) -> str:

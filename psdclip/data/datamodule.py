@@ -58,11 +58,11 @@ class ShardDataModule(L.LightningDataModule):
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
-        self.epoch, self.batches_done = 0, 0  # the training stream's position: batches trained on in this epoch
+        self.batches_done = 0  # the training stream's position in the trainer's current epoch: batches trained on
         self.resume_position: dict[str, int] | None = None  # the position a checkpoint restored, until used
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.trainer.current_epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_position = dict(state_dict)
@@ -74,7 +74,7 @@ class ShardDataModule(L.LightningDataModule):
         done = done if done < self.batches_per_epoch(self.trainer.world_size if self.trainer else 1) else 0
         if done:
             log.info("resuming mid-epoch %d: skipping the %d batches already trained on", epoch, done)
-        self.epoch, self.batches_done = epoch, done
+        self.batches_done = done
         return done
 
     @cached_property

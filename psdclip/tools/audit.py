@@ -103,17 +103,18 @@ class Auditor:
     loss: PSDLoss
     device: torch.device
     scale: float = field(init=False)
+    encoders: CLIPEncoders = field(init=False)
 
     def __post_init__(self):
         self.clip.model.to(self.device)
+        self.encoders = CLIPEncoders(self.clip)
         self.scale = float(self.clip.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
 
     @torch.no_grad()
     def encode(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([item["input"] for item in batch]).to(self.device)
         tokens = self.clip.tokenizer([item["caption"] for item in batch]).to(self.device)
-        encoders = CLIPEncoders(self.clip)
-        return encoders.encode_image(images).float(), encoders.encode_text(tokens).float()
+        return self.encoders.encode_image(images).float(), self.encoders.encode_text(tokens).float()
 
     def run(self, stream: PairStream, batch_size: int, fraction: float, limit: int | None, grid: int):
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
