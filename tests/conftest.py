@@ -43,10 +43,11 @@ def fashion_mnist_dir(tmp_path_factory) -> Path:
     return make_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist"))
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], name: str = "train") -> DictConfig:
+    """``conf/<name>.yaml`` composed with ``overrides`` as its entry point would (the hydra node included)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", return_hydra_config=True, overrides=overrides)
+        return compose(config_name=name, return_hydra_config=True, overrides=overrides)
 
 
 def tiny_paths(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
@@ -69,7 +70,7 @@ def train_cfg(tmp_path, fashion_mnist_dir):
     """A factory for tiny training configs writing under tmp_path; extra overrides win."""
 
     def make(*overrides: str) -> DictConfig:
-        cfg = compose_train(
+        cfg = compose_config(
             [
                 *tiny_run_overrides(fashion_mnist_dir, tmp_path),
                 "data.shard_size=100",

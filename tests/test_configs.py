@@ -12,7 +12,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from psdclip.loss import PSDLoss
-from tests.conftest import CONFIG_DIR, compose_train, make_fashion_mnist
+from tests.conftest import CONFIG_DIR, compose_config, make_fashion_mnist
 from tests.helpers.processes import run_in_session
 from tests.helpers.shard_sets import write_set
 
@@ -51,13 +51,13 @@ def missing(node, prefix: str = "") -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(group, option) for group in GROUPS for option in options(group)])
 def test_every_option_of_every_group_composes(group, option):
-    cfg = compose_train([f"{group}={option}"])
+    cfg = compose_config([f"{group}={option}"])
     tree = OmegaConf.to_container(cfg, resolve=False)
     # the only values a user must give: the shards of data=shards, the name of model=open_clip (hydra's own are set
     # at run time)
     given = {key: USER_GIVEN[key] for key in missing(tree) if not key.startswith("hydra.")}
     assert set(given) <= set(USER_GIVEN)
-    cfg = compose_train([f"{group}={option}", *(f"{key}={value}" for key, value in given.items())])
+    cfg = compose_config([f"{group}={option}", *(f"{key}={value}" for key, value in given.items())])
     assert tree["trainer"]["_target_"] == "lightning.pytorch.trainer.Trainer"
     # every class or function a config names exists (callbacks, loggers, evaluation sets, strategies, plugins, …)
     assert all(callable(get_object(target)) for target in targets(tree))
@@ -73,7 +73,7 @@ def test_the_options_are_the_files():
 
 @pytest.mark.parametrize("name", [name for name in experiments() if name.split("_")[0] in PAPER_DATASETS])
 def test_paper_recipes_name_their_trainer_data_and_evaluation(name):
-    cfg = compose_train([f"experiment={name}"])
+    cfg = compose_config([f"experiment={name}"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 8
     assert cfg.data.train_shards.endswith(name.split("_")[0]) and "imagenet1k" in cfg.evaluation.datasets
 
@@ -87,6 +87,18 @@ def test_the_other_entry_points_compose_with_each_option(config, groups):
                 cfg = compose(config_name=config, overrides=[f"{group}={option}", "ckpt=x.ckpt"])
                 assert "_target_" in cfg[group], (config, group, option)
     GlobalHydra.instance().clear()
+
+
+def test_the_tools_without_groups_compose_with_their_documented_defaults():
+    export = compose_config(["ckpt=run/last.ckpt", "out=exported"], name="export")
+    assert (export.ckpt, export.out, export.weights) == ("run/last.ckpt", "exported", "student")
+    study = compose_config([], name="study")
+    assert (
+        study.dataset == "embedded"
+        and list(study.noise) == [0, 0.2, 0.4, 0.6]
+        and list(study.methods) == ["clip", "psd"]
+    )
+    assert study.out.startswith("logs/noisy_captions/study_") and study.train == {}
 
 
 @pytest.mark.slow

@@ -17,10 +17,9 @@ from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.loggers import git_state
 from psdclip.tools.audit import batch_doubt, quality
 from psdclip.tools.report import Job, parse_overrides, swept_keys
-from psdclip.tools.study import aggregate, parse
-from psdclip.tools.study import main as study_main
+from psdclip.tools.study import aggregate, commands, run_study
 from psdclip.training import train
-from tests.conftest import tiny_paths, tiny_run_overrides
+from tests.conftest import compose_config, tiny_paths, tiny_run_overrides
 from tests.helpers.processes import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,39 +217,61 @@ def test_report_refuses_folders_without_jobs_and_unknown_metrics(tmp_path):
         report(tmp_path, metric="eval/nope")
 
 
-def test_study_arguments_split_into_settings_and_train_overrides():
-    settings, overrides, quick = parse(["noise=0,0.5", "seeds=2", "trainer.max_epochs=2", "--quick"])
-    assert settings["noise"] == "0,0.5" and settings["seeds"] == "2" and settings["methods"] == "clip,psd"
-    assert settings["kinds"] == "flip,swap" and settings["split"] == "test"
-    assert overrides == ["trainer.max_epochs=2"] and quick
-    for bad in ("seeds=zero", "first_seed=-1", "split=train"):
-        with pytest.raises(SystemExit):
-            parse([bad])
+def study_config(*overrides: str):
+    return compose_config(list(overrides), name="study")
+
+
+def test_study_settings_are_checked_before_any_training(tmp_path):
+    for bad, message in (
+        ("seeds=zero", "seeds must be a whole number >= 1, got 'zero'"),
+        ("first_seed=-1", "first_seed must be a whole number >= 0"),
+        ("split=train", "split must be test or val"),
+        ("dataset=cc3m", "dataset must be one of embedded, embedded_mosaic"),
+        ("noise=0.4", r"noise must be a non-empty list, e.g. noise=\[0,0.4\]"),
+        ("kinds=[]", "kinds must be a non-empty list"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            commands(study_config(bad), tmp_path)
 
 
 def test_study_runs_clean_data_once_and_noisy_data_per_kind(tmp_path):
-    from psdclip.tools.study import commands
-
-    settings, overrides, _ = parse(["noise=0,0.4", "kinds=flip,swap", "seeds=3", "first_seed=100", "split=val"])
-    clean, noisy = commands(settings, overrides, False, tmp_path)
+    cfg = study_config("noise=[0,0.4]", "seeds=3", "first_seed=100", "split=val", "+train.trainer.max_epochs=2")
+    clean, noisy = commands(cfg, tmp_path)
     for command in (clean, noisy):
         assert "seed=100,101,102" in command and "evaluation.datasets.fashion_mnist.split=val" in command
+        assert "loss=clip,psd" in command and "trainer.max_epochs=2" in command
     assert (
         "data.noise=0" in clean and "data.noise_kind=flip" in clean and f"hydra.sweep.dir={tmp_path / 'clean'}" in clean
     )
     assert "data.noise=0.4" in noisy and "data.noise_kind=flip,swap" in noisy
 
 
-def test_study_on_mosaics_runs_their_recipe_with_retrieval_first(tmp_path):
-    from psdclip.tools.study import commands
+def test_study_hands_its_train_settings_to_train_py_as_overrides_it_reads_back(tmp_path):
+    """+train.KEY=VALUE reaches train.py as KEY=VALUE with the same value, whatever its type."""
+    cfg = study_config(
+        "noise=[0]",
+        "seeds=1",
+        "methods=[psd]",
+        "+train.loss.alpha_max=0.3",
+        "+train.evaluation.tasks=[zeroshot,retrieval]",
+        "+train.paths.log_dir='/tmp/a dir'",
+        "+train.data.train_size=null",
+        "+train.task_name='0.5'",
+        "+train.model=vit_b32",
+    )
+    (clean,) = commands(cfg, tmp_path)
+    overrides = clean[clean.index("-m") + 1 :]
+    composed = compose_config(overrides)
+    assert composed.loss.alpha_max == 0.3 and list(composed.evaluation.tasks) == ["zeroshot", "retrieval"]
+    assert composed.paths.log_dir == "/tmp/a dir" and composed.data.train_size is None
+    assert composed.task_name == "0.5" and composed.model.name == "ViT-B-32"
 
-    settings, overrides, _ = parse(["data=embedded_mosaic", "noise=0.4", "seeds=1"])
-    assert settings["kinds"] == "partial,swap" and settings["metrics"].startswith("eval/*/retrieval_mean_recall,")
-    (noisy,) = commands(settings, overrides, False, tmp_path)
+
+def test_study_on_mosaics_runs_their_recipe_with_retrieval_first(tmp_path):
+    cfg = study_config("dataset=embedded_mosaic", "noise=[0.4]", "seeds=1")
+    (noisy,) = commands(cfg, tmp_path)
     assert "experiment=noisy_captions_mosaic" in noisy and "evaluation.datasets.fashion_mosaic.split=test" in noisy
     assert "data.noise_kind=partial,swap" in noisy and not any(item.startswith("data=") for item in noisy)
-    with pytest.raises(SystemExit):
-        parse(["data=cc3m"])
 
 
 def test_study_aggregate_gives_mean_std_and_difference():
@@ -278,15 +299,15 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
         sys.executable,
         "-m",
         "psdclip.tools.study",
-        "--quick",
-        "noise=0,0.5",
-        "kinds=flip",
+        "quick=true",
+        "noise=[0,0.5]",
+        "kinds=[flip]",
         "seeds=2",
         f"out={out}",
-        *tiny_paths(fashion_mnist_dir, tmp_path),
-        "data.shard_size=100",
+        *(f"+train.{item}" for item in tiny_paths(fashion_mnist_dir, tmp_path)),
+        "+train.data.shard_size=100",
         # 3 steps teach the model too little to outscore anything by the default margin: D would stay empty
-        "loss.outscore_margin=0",
+        "+train.loss.outscore_margin=0",
     ]
     result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -303,10 +324,10 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     # each run's headline is the end-of-training evaluation's zero-shot, not the val learning curve's
     summary = json.loads(next(out.glob("*/0/summary.json")).read_text())
     assert summary["zeroshot_top1"] == summary["metrics"]["eval/fashion_mnist/zeroshot_top1"]
-    # --summarise trains nothing and writes the same tables again from the runs under out=
+    # summarise=true trains nothing and writes the same tables again from the runs under out=
     written = (out / "study.md").read_text()
     (out / "study.md").unlink()
-    study_main(["--summarise", f"out={out}"])
+    run_study(study_config("summarise=true", f"out={out}"))
     assert (out / "study.md").read_text() == written
 
 

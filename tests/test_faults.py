@@ -22,7 +22,7 @@ from psdclip.callbacks.checkpointing import IncompleteCheckpointError, resolve_c
 from psdclip.data.embedded import FashionMNISTShards
 from psdclip.models import read_checkpoint
 from psdclip.training import SIGTERM_EXIT, train
-from tests.conftest import compose_train, make_fashion_mnist
+from tests.conftest import compose_config, make_fashion_mnist
 from tests.helpers.processes import Child, child, kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_failing_final_evaluation_keeps_the_last_checkpoint(train_cfg, tmp_path,
 
 
 def test_default_run_checkpoints_at_least_once_per_epoch():
-    cfg = compose_train([])
+    cfg = compose_config([])
     steps_per_epoch = 60000 // cfg.data.batch_size  # Fashion-MNIST's training split
     assert cfg.callbacks.model_checkpoint.every_n_train_steps <= steps_per_epoch
 

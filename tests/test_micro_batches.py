@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from psdclip.cli import check_settings
-from tests.conftest import compose_train
+from tests.conftest import compose_config
 from tests.helpers.one_step import global_batch, make_module, one_step
 
 CLIP = {"alpha_max": 0.0, "schedule": "constant"}
@@ -70,8 +70,8 @@ def test_micro_batches_take_the_whole_batch_step(loss_kwargs, micro_batches, pre
 )
 def test_settings_that_cannot_go_with_micro_batches_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        check_settings(compose_train(["data.batch_size=32", *overrides]))
+        check_settings(compose_config(["data.batch_size=32", *overrides]))
 
 
 def test_micro_batches_alone_are_accepted():
-    check_settings(compose_train(["data.batch_size=32", "optim.micro_batches=4"]))
+    check_settings(compose_config(["data.batch_size=32", "optim.micro_batches=4"]))

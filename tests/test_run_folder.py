@@ -23,7 +23,7 @@ from psdclip.data.embedded import FashionMNISTShards
 from psdclip.eval.datasets import FashionMNISTEvalSet
 from psdclip.eval.suite import EvalSuite
 from psdclip.training import train
-from tests.conftest import compose_train, tiny_run_overrides
+from tests.conftest import compose_config, tiny_run_overrides
 from tests.helpers.processes import checkout_env, run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_console_shows_no_library_start_up_noise(tiny_run):
 
 
 def test_shard_loader_workers_follow_the_available_cpus(tmp_path):
-    cfg = compose_train(["data=shards", f"data.train_shards={tmp_path}"])
+    cfg = compose_config(["data=shards", f"data.train_shards={tmp_path}"])
     assert cfg.data.num_workers == min(8, len(os.sched_getaffinity(0)))
 
 

@@ -1,4 +1,5 @@
-"""Export a training checkpoint as an open_clip model folder: `python -m psdclip.tools.export ckpt=... out=...`.
+"""Export a training checkpoint as an open_clip model folder: `python -m psdclip.tools.export ckpt=... out=...`
+(settings: ``conf/export.yaml``).
 
 The folder holds ``open_clip_config.json`` (model_cfg + preprocess_cfg, open_clip's hub layout),
 ``open_clip_model.safetensors`` and ``<model name>.json`` (the bare model config), so any of these work:
@@ -8,14 +9,15 @@ The folder holds ``open_clip_config.json`` (model_cfg + preprocess_cfg, open_cli
     open_clip.add_model_config("OUT/psdclip-vit-tiny.json")                        # names open_clip lacks
     open_clip.create_model_and_transforms("psdclip-vit-tiny", pretrained="OUT/open_clip_model.safetensors")
 
-Options (``key=value``): ``weights=student`` (default) or ``weights=ema`` (the EMA teacher, when trained with one).
+``weights=student`` (default) or ``weights=ema`` (the EMA teacher, when trained with one).
 """
 
 import json
-import sys
 from pathlib import Path
 
+import hydra
 import open_clip
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from psdclip.models import (
@@ -44,14 +46,11 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "student") -> Path:
     return out
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
-    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unknown = [arg for arg in argv if "=" not in arg] + sorted(set(args) - {"ckpt", "out", "weights"})
-    if unknown or not {"ckpt", "out"} <= set(args):
-        raise SystemExit(f"usage: python -m psdclip.tools.export ckpt=PATH out=DIR [weights=student|ema] (got {argv})")
-    return args
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    folder = export(cfg.ckpt, cfg.out, cfg.weights)
+    print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")
 
 
 if __name__ == "__main__":
-    folder = export(**parse_args(sys.argv[1:]))
-    print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    main()

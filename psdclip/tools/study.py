@@ -1,32 +1,35 @@
 """The noisy-caption study: CLIP and PSD trained on the embedded data at several caption-noise levels, kinds and seeds.
 
-    python -m psdclip.tools.study [data=embedded|embedded_mosaic] [noise=0,0.2,0.4,0.6] [kinds=flip,swap] [seeds=3]
-        [first_seed=0] [methods=clip,psd] [split=test] [metrics=PATTERNS] [out=DIR] [--quick]
-        [any train.py override, e.g. trainer.max_epochs=2]
+    python -m psdclip.tools.study [dataset=embedded|embedded_mosaic] [noise=[0,0.2,0.4,0.6]] [kinds=[flip,swap]]
+        [seeds=3] [first_seed=0] [methods=[clip,psd]] [split=test] [metrics=[PATTERNS]] [out=DIR] [quick=true]
+        [+train.<train.py key>=<value> ...]
 
-Runs ``train.py -m experiment=noisy_captions loss=… data.noise=… data.noise_kind=… seed=…`` (Hydra multiruns, jobs
-in sequence; clean data once, not once per kind), then writes into the study folder ``study.csv`` (every run),
-``study.md`` (mean ± std over seeds: kind × noise × method, with PSD − CLIP) and ``study.png`` (each metric against
-noise, one panel per kind, one line per method). Besides the final metrics it reports each run's best value over
-its learning curve (the experiment evaluates every few epochs), so memorisation of wrong captions shows as the gap.
-``data=embedded_mosaic`` runs the same on the mosaics (``experiment=noisy_captions_mosaic``), with retrieval as
-the headline metric and the learning curve, and the noise kinds partial and swap by default.
+Settings: ``conf/study.yaml``. Runs ``train.py -m experiment=noisy_captions loss=… data.noise=… data.noise_kind=…
+seed=…`` (Hydra multiruns, jobs in sequence; clean data once, not once per kind), with every ``+train.KEY=VALUE`` as
+the override ``KEY=VALUE``, then writes into the study folder ``study.csv`` (every run), ``study.md`` (mean ± std over
+seeds: kind × noise × method, with PSD − CLIP) and ``study.png`` (each metric against noise, one panel per kind, one
+line per method). Besides the final metrics it reports each run's best value over its learning curve (the experiment
+evaluates every few epochs), so memorisation of wrong captions shows as the gap. ``dataset=embedded_mosaic`` runs the
+same on the mosaics (``experiment=noisy_captions_mosaic``), with retrieval as the headline metric and the learning
+curve, and the noise kinds partial and swap by default.
 
 Choose settings with ``split=val`` (held-out training images) and other seeds (``first_seed=100``); report with
-``split=test`` and the seeds 0, 1, 2. ``--summarise out=DIR`` trains nothing and tabulates every sweep folder under DIR
-(e.g. one ``train.py -m … hydra.sweep.dir=DIR/<name>`` per seed, run side by side).
+``split=test`` and the seeds 0, 1, 2. ``summarise=true out=DIR`` trains nothing and tabulates every sweep folder under
+DIR (e.g. one ``train.py -m … hydra.sweep.dir=DIR/<name>`` per seed, run side by side).
 """
 
-import argparse
 import logging
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import matplotlib
 import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
 from psdclip.tools.report import load_jobs, markdown, select_metrics
 
@@ -47,102 +50,89 @@ class StudyData:
     experiment: str
     eval_set: str
     curve_metric: str
-    kinds: str
-    metrics: str
+    kinds: list[str]
+    metrics: list[str]
 
 
-DIAGNOSTICS = "train/distill_precision_epoch,train/distill_recall_epoch"
+DIAGNOSTICS = ["train/distill_precision_epoch", "train/distill_recall_epoch"]
 STUDY_DATA = {
     # each task's headline metric
     "embedded": StudyData(
         "noisy_captions",
         "fashion_mnist",
         "eval/fashion_mnist_val/zeroshot_top1",
-        "flip,swap",
-        f"eval/*/zeroshot_top1,eval/*/linear_probe_top1,eval/*/retrieval_mean_recall,{DIAGNOSTICS}",
+        ["flip", "swap"],
+        ["eval/*/zeroshot_top1", "eval/*/linear_probe_top1", "eval/*/retrieval_mean_recall", *DIAGNOSTICS],
     ),
     # retrieval first: on mosaics it is instance-level, the task the mosaics exist for
     "embedded_mosaic": StudyData(
         "noisy_captions_mosaic",
         "fashion_mosaic",
         "eval/fashion_mosaic_val/retrieval_mean_recall",
-        "partial,swap",
-        f"eval/*/retrieval_mean_recall,eval/*/retrieval_r1,eval/*/zeroshot_top1,{DIAGNOSTICS}",
+        ["partial", "swap"],
+        ["eval/*/retrieval_mean_recall", "eval/*/retrieval_r1", "eval/*/zeroshot_top1", *DIAGNOSTICS],
     ),
-}
-STUDY_KEYS = {
-    "data": "embedded",
-    "noise": "0,0.2,0.4,0.6",
-    "kinds": None,
-    "seeds": "3",
-    "first_seed": "0",
-    "methods": "clip,psd",
-    "split": "test",
-    "metrics": None,
-    "out": None,
 }
 # a few steps on tiny batches: checks the whole pipeline in seconds (tests, smoke runs)
 QUICK = ["debug=tiny", "data.train_size=null", "callbacks.learning_curve.every_n_epochs=1"]
+# a string the override grammar reads back as that same string without quotes
+PLAIN_STRING = re.compile(r"(?!(true|false|null|nan|inf)$)[A-Za-z_/~][\w./~-]*")
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str], bool]:
-    """Split ``key=value`` arguments into the study's settings and the overrides passed on to train.py."""
-    parser = argparse.ArgumentParser(prog="python -m psdclip.tools.study", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few tiny steps per run (tests, smoke runs)")
-    parser.add_argument(
-        "--summarise",
-        action="store_true",
-        help="train nothing: tabulate and plot the runs already under out=DIR (e.g. sweeps run side by side into it)",
-    )
-    parser.add_argument(
-        "settings",
-        nargs="*",
-        help="data=…, noise=…, kinds=…, seeds=N, first_seed=S, methods=…, "
-        "split=test|val, metrics=…, out=DIR, and train.py overrides",
-    )
-    args = parser.parse_args(argv)
-    settings, overrides = dict(STUDY_KEYS), []
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"expected key=value, got {item!r}")
-        if key in settings:
-            settings[key] = value
+def check(cfg: DictConfig) -> StudyData:
+    """The settings' errors as clear messages (before any training starts); the study data they pick."""
+    if cfg.dataset not in STUDY_DATA:
+        raise ValueError(f"dataset must be one of {', '.join(STUDY_DATA)}, got {cfg.dataset!r}")
+    for key, least in (("seeds", 1), ("first_seed", 0)):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < least:
+            raise ValueError(f"{key} must be a whole number >= {least}, got {cfg[key]!r}")
+    if cfg.split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, got {cfg.split!r}")
+    for key in ("noise", "methods") + (("kinds",) if cfg.kinds is not None else ()):
+        if not OmegaConf.is_list(cfg[key]) or not len(cfg[key]):
+            raise ValueError(f"{key} must be a non-empty list, e.g. {key}=[{'0,0.4' if key == 'noise' else 'a,b'}]")
+    return STUDY_DATA[cfg.dataset]
+
+
+def override_value(value) -> str:
+    """``value`` written as the override grammar reads it back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return f"[{','.join(override_value(item) for item in value)}]"
+    if isinstance(value, str) and not PLAIN_STRING.fullmatch(value):
+        return "'" + value.replace("'", "\\'") + "'"
+    return str(value)
+
+
+def train_overrides(train: dict, prefix: str = "") -> list[str]:
+    """The nested ``+train.KEY=VALUE`` settings as flat ``KEY=VALUE`` overrides of train.py."""
+    overrides = []
+    for key, value in train.items():
+        if isinstance(value, dict):
+            overrides += train_overrides(value, f"{prefix}{key}.")
         else:
-            overrides.append(item)
-    for key in ("seeds", "first_seed"):
-        if not settings[key].isdigit() or (key == "seeds" and int(settings[key]) < 1):
-            parser.error(f"{key} must be a {'positive ' if key == 'seeds' else ''}whole number, got {settings[key]!r}")
-    if settings["split"] not in ("test", "val"):
-        parser.error(f"split must be test or val, got {settings['split']!r}")
-    if settings["data"] not in STUDY_DATA:
-        parser.error(f"data must be one of {', '.join(STUDY_DATA)}, got {settings['data']!r}")
-    if args.summarise and not settings["out"]:
-        parser.error("--summarise needs out=DIR, the study folder whose runs to summarise")
-    settings["summarise"] = args.summarise
-    data = STUDY_DATA[settings["data"]]
-    settings["kinds"] = settings["kinds"] or data.kinds
-    settings["metrics"] = settings["metrics"] or data.metrics
-    return settings, overrides, args.quick
+            overrides.append(f"{prefix}{key}={override_value(value)}")
+    return overrides
 
 
-def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path) -> list[list[str]]:
+def commands(cfg: DictConfig, study_dir: Path) -> list[list[str]]:
     """One multirun for clean data (if asked) and one for the noisy levels × kinds."""
-    first = int(settings["first_seed"])
-    seeds = ",".join(str(seed) for seed in range(first, first + int(settings["seeds"])))
-    levels = [level for level in settings["noise"].split(",") if level.strip()]
-    clean, noisy = [lv for lv in levels if float(lv) == 0], [lv for lv in levels if float(lv) != 0]
-    data = STUDY_DATA[settings["data"]]
+    data = check(cfg)
+    seeds = ",".join(str(seed) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    clean, noisy = [lv for lv in cfg.noise if float(lv) == 0], [str(lv) for lv in cfg.noise if float(lv) != 0]
     base = [
         sys.executable,
         str(TRAIN_SCRIPT),
         "-m",
         f"experiment={data.experiment}",
-        f"loss={settings['methods']}",
+        f"loss={','.join(cfg.methods)}",
         f"seed={seeds}",
-        f"evaluation.datasets.{data.eval_set}.split={settings['split']}",
-        *(QUICK if quick else []),
-        *overrides,
+        f"evaluation.datasets.{data.eval_set}.split={cfg.split}",
+        *(QUICK if cfg.quick else []),
+        *train_overrides(OmegaConf.to_container(cfg.train)),
     ]
     runs = []
     if clean:
@@ -152,7 +142,7 @@ def commands(settings: dict, overrides: list[str], quick: bool, study_dir: Path)
             [
                 *base,
                 f"data.noise={','.join(noisy)}",
-                f"data.noise_kind={settings['kinds']}",
+                f"data.noise_kind={','.join(cfg.kinds or data.kinds)}",
                 f"hydra.sweep.dir={study_dir / 'noisy'}",
             ]
         )
@@ -259,18 +249,24 @@ def summarise(study_dir: Path, patterns: list[str], curve_metric: str) -> dict[s
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings, overrides, quick = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    study_dir = Path(settings["out"] or f"logs/noisy_captions/study_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+def run_study(cfg: DictConfig) -> dict[str, Path]:
+    """Train the study's runs (unless ``summarise``), then tabulate and plot every run under ``out``."""
+    data = check(cfg)
+    study_dir = Path(cfg.out).resolve()
     started = time.perf_counter()
-    for cmd in [] if settings["summarise"] else commands(settings, overrides, quick, study_dir):
+    for cmd in [] if cfg.summarise else commands(cfg, study_dir):
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
     log.info("study trainings took %.1f min", (time.perf_counter() - started) / 60)
-    curve_metric = STUDY_DATA[settings["data"]].curve_metric
-    for kind, path in summarise(study_dir, settings["metrics"].split(","), curve_metric).items():
+    paths = summarise(study_dir, list(cfg.metrics or data.metrics), data.curve_metric)
+    for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="study")
+def main(cfg: DictConfig) -> None:
+    run_study(cfg)
 
 
 if __name__ == "__main__":
