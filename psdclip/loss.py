@@ -141,7 +141,7 @@ class PSDLoss(nn.Module):
     Args:
         alpha_max: final distillation ratio, in [0, 1).
         schedule: ``linear``, ``cosine`` or ``constant``; ramps alpha from 0 at ``ramp_start`` to ``alpha_max``
-            at ``ramp_end`` (default: the last training step).
+            at ``ramp_end`` (default: the last training step); an int is a step, a float a fraction of the training.
         subset: how D is chosen: ``outscored`` (of the pairs whose teacher's best candidate outscores their own
             partner by more than ``outscore_margin`` logits / tau_teacher, averaged over both directions, the at most
             floor(alpha·N) with the largest gap), ``doubt`` (the floor(alpha·N) pairs of the global batch with the lowest
@@ -167,8 +167,8 @@ class PSDLoss(nn.Module):
         self,
         alpha_max: float = 0.5,
         schedule: str = "linear",
-        ramp_start: int = 0,
-        ramp_end: int | None = None,
+        ramp_start: float = 0,
+        ramp_end: float | None = None,
         subset: str = "outscored",
         teacher: str = "ema",
         ema_decay: float = 0.99,

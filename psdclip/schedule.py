@@ -6,23 +6,40 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AlphaSchedule:
-    """alpha(step) rises from 0 at ``start`` to ``alpha_max`` at ``end`` (default: the last training step)."""
+    """alpha(step) rises from 0 at ``start`` to ``alpha_max`` at ``end`` (default: the last training step).
+
+    ``start`` and ``end`` follow Lightning's ``val_check_interval`` convention: an int is a step, a float a fraction of
+    the training's steps (0.5: half-way), so one setting means the same point of a short run and of a long one.
+    """
 
     alpha_max: float = 0.5
-    start: int = 0
-    end: int | None = None
+    start: float = 0
+    end: float | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.alpha_max < 1.0:
             raise ValueError(f"alpha_max must be in [0, 1), got {self.alpha_max}: at 1 no pair keeps its hard target")
-        if self.start < 0 or (self.end is not None and self.end < self.start):
-            raise ValueError(f"ramp must satisfy 0 <= ramp_start <= ramp_end, got start={self.start}, end={self.end}")
+        for name, value in (("ramp_start", self.start), ("ramp_end", self.end)):
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value}: a float is a fraction of the training steps, in [0, 1]")
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"{name}={value}: a step must be >= 0")
+        if self.end is not None and type(self.start) is type(self.end) and self.end < self.start:
+            raise ValueError(f"ramp must satisfy ramp_start <= ramp_end, got start={self.start}, end={self.end}")
+
+    def bounds(self, total_steps: int) -> tuple[int, int]:
+        """The ramp's first and last step in a run of ``total_steps``."""
+        start = step_of(self.start, total_steps)
+        end = step_of(self.end, total_steps) if self.end is not None else max(total_steps - 1, start)
+        if end < start:
+            raise ValueError(f"ramp must satisfy ramp_start <= ramp_end, got steps {start} and {end} of {total_steps}")
+        return start, end
 
     def progress(self, step: int, total_steps: int) -> float:
-        end = self.end if self.end is not None else max(total_steps - 1, self.start)
-        if end <= self.start:
-            return 1.0 if step >= self.start else 0.0
-        return min(max((step - self.start) / (end - self.start), 0.0), 1.0)
+        start, end = self.bounds(total_steps)
+        if end <= start:
+            return 1.0 if step >= start else 0.0
+        return min(max((step - start) / (end - start), 0.0), 1.0)
 
     def __call__(self, step: int, total_steps: int) -> float:
         return self.alpha_max * self.shape(self.progress(step, total_steps))
@@ -52,10 +69,15 @@ class ConstantSchedule(AlphaSchedule):
         return 1.0
 
 
+def step_of(point: float, total_steps: int) -> int:
+    """A step as given (int), or a fraction of the run's last step (float)."""
+    return point if isinstance(point, int) else round(point * max(total_steps - 1, 0))
+
+
 SCHEDULES = {"linear": LinearSchedule, "cosine": CosineSchedule, "constant": ConstantSchedule}
 
 
-def make_schedule(name: str, alpha_max: float, start: int = 0, end: int | None = None) -> AlphaSchedule:
+def make_schedule(name: str, alpha_max: float, start: float = 0, end: float | None = None) -> AlphaSchedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown alpha schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](alpha_max=alpha_max, start=start, end=end)

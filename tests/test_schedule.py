@@ -34,3 +34,29 @@ def test_single_step_run_reaches_alpha_max():
 def test_bad_ramp_refused():
     with pytest.raises(ValueError, match="ramp_start <= ramp_end"):
         make_schedule("linear", 0.5, start=10, end=5)
+
+
+def test_ramp_points_given_as_fractions_of_the_run():
+    schedule = make_schedule("linear", 0.4, start=0.5, end=0.75)
+    assert schedule.bounds(101) == (50, 75) and schedule.bounds(1001) == (500, 750)
+    assert schedule(49, 101) == 0.0 and math.isclose(schedule(60, 101), 0.16) and schedule(75, 101) == 0.4
+    assert make_schedule("linear", 0.4, start=0.5).bounds(11) == (5, 10)  # no end: the last step
+    assert make_schedule("linear", 0.4, start=10, end=0.5).bounds(101) == (10, 50)  # a step and a fraction
+
+
+@pytest.mark.parametrize(
+    "start,end,message",
+    [
+        (1.5, None, r"ramp_start=1.5: a float is a fraction of the training steps, in \[0, 1\]"),
+        (0, -2, "ramp_end=-2: a step must be >= 0"),
+        (0.8, 0.2, "ramp_start <= ramp_end"),
+    ],
+)
+def test_bad_ramp_points_refused(start, end, message):
+    with pytest.raises(ValueError, match=message):
+        make_schedule("linear", 0.5, start=start, end=end)
+
+
+def test_a_fraction_before_a_later_step_is_refused_once_the_run_length_is_known():
+    with pytest.raises(ValueError, match="got steps 60 and 50 of 101"):
+        make_schedule("linear", 0.5, start=60, end=0.5)(0, 101)
