@@ -227,6 +227,11 @@ class PSDLoss(nn.Module):
         """The EMA copy of ``model`` that supplies targets, or None for the self teacher."""
         return EMATeacher(model, self.ema_decay) if self.teacher == "ema" and self.alpha_max > 0 else None
 
+    def uses_teacher(self, step: int, total_steps: int) -> bool:
+        """Whether the step's loss reads the EMA teacher's features: not while alpha is 0 (before the ramp), when D
+        is empty and the teacher's forward would be wasted."""
+        return self.teacher == "ema" and self.schedule(step, total_steps) > 0
+
     def distill_mask(self, batch_size: int, alpha: float, step: int) -> Tensor:
         """A random D as a bool mask over the global batch: floor(alpha * N) pairs drawn without replacement."""
         count = math.floor(alpha * batch_size)

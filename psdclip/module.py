@@ -60,7 +60,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         noise_marks = marks[0] if marks else None
         if self.automatic_optimization:
             outputs = self.model(images, texts)
-            teacher = self.teacher(images, texts) if self.teacher is not None else None
+            teacher = self.teacher(images, texts) if self.teacher_needed() else None
             result = self.psd_loss(outputs, teacher, noise_marks)
         else:
             result = self.step_in_micro_batches(images, texts, noise_marks)
@@ -73,6 +73,11 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             )
         # the step's own loss output travels to callbacks (the media callback draws the targets it used)
         return {"loss": result.loss, "psd": result}
+
+    def teacher_needed(self) -> bool:
+        """The teacher's forward runs only at the steps whose loss reads it (it is still updated every step)."""
+        steps = self.trainer.estimated_stepping_batches
+        return self.teacher is not None and self.loss.uses_teacher(self.global_step, steps)
 
     def psd_loss(
         self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None, noise_marks: Tensor | None
@@ -108,7 +113,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         ]
         with torch.no_grad():
             cached = concat_outputs([self.model(*piece) for piece in pieces])
-            teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher is not None else None
+            teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher_needed() else None
         leaves = {name: cached[name].detach().requires_grad_() for name in FEATURE_KEYS}
         result = self.psd_loss(leaves, teacher, noise_marks)
         grads = dict(zip(FEATURE_KEYS, torch.autograd.grad(result.loss, list(leaves.values())), strict=True))

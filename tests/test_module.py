@@ -82,3 +82,15 @@ def test_ema_teacher_follows_the_student_and_is_checkpointed(tmp_path):
     state = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
     assert torch.equal(state[f"teacher.average.module.{name}"], teacher)
     assert int(state["teacher.average.n_averaged"]) == 3
+
+
+def test_the_ema_teacher_runs_only_at_the_steps_whose_loss_reads_it():
+    """Before the ramp starts D is empty: the teacher's forward is skipped there, and its average still advances."""
+    clip = create_clip("psdclip-vit-tiny")
+    module = PSDCLIPModule(clip, PSDLoss(teacher="ema", ramp_start=2, ramp_end=3), **optim())
+    calls = []
+    module.teacher.register_forward_hook(lambda *_: calls.append(module.global_step))
+    fit(module, tiny_batches(clip, count=4))
+    assert calls == [3]  # alpha is 0 up to step 2 (the ramp's start) and 0.5 at step 3
+    assert int(module.teacher.average.n_averaged) == 4
+    assert not PSDLoss(teacher="self").uses_teacher(3, 4) and not PSDLoss(alpha_max=0.0).uses_teacher(3, 4)
