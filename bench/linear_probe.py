@@ -22,7 +22,15 @@ from psdclip.eval.linear_probe import linear_probe
 from psdclip.eval.model import load_encoders
 from psdclip.eval.suite import EvalSuite
 
-SWEEP = {"val_fraction": 0.2, "seed": 0, "log10_range": (-6, 6), "coarse_step": 2, "refinements": 3, "max_iter": 1000}
+SWEEP = {
+    "val_fraction": 0.2,
+    "seed": 0,
+    "log10_range": (-6, 6),
+    "coarse_step": 2,
+    "refinements": 3,
+    "patience": 2,
+    "max_iter": 1000,
+}
 
 
 def features(args) -> dict[str, torch.Tensor]:

@@ -45,6 +45,19 @@ def test_select_C_refines_around_the_best_coarse_value():
     assert tried[C] == best and C == min(c for c, acc in tried.items() if acc == best)
 
 
+def test_the_coarse_grid_stops_past_the_peak_but_not_on_a_plateau():
+    def search(x, y, patience):
+        return select_C((x[:90], y[:90]), (x[90:], y[90:]), 4, (-4, 4), 1, 0, patience=patience)
+
+    x, y = blobs(n=120, dim=40, seed=0)  # held-out top-1 peaks at C = 0.01, then falls
+    whole, early = search(x, y, None), search(x, y, 2)
+    assert early[0] == whole[0] == pytest.approx(0.01)
+    assert sorted(early[1]) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # two past the peak, then no more fits
+    assert len(whole[1]) == 9
+    x, y = blobs(n=120, dim=40, seed=2)  # starts flat (a tie is not "past the peak"), peaks at C = 1
+    assert search(x, y, 1)[0] == search(x, y, None)[0] == pytest.approx(1.0)
+
+
 def test_float32_features_work():
     x, y = blobs()
     probe = fit_logistic_regression(x.float(), y, 4, 1.0)

@@ -116,10 +116,14 @@ def select_C(
     coarse_step: float = 2.0,
     refinements: int = 3,
     max_iter: int = 1000,
+    patience: int | None = 2,
     fits: dict[float, LinearClassifier] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The C with the best held-out top-1: a coarse grid over ``log10_range``, then ``refinements`` rounds that try
     half the previous step either side of the best so far. Ties go to the smaller C (stronger regularisation).
+    The grid goes from strong to weak regularisation and stops once ``patience`` grid points since the best score below
+    it (None: the whole grid): held-out accuracy rises and falls with C, and the weakest-regularised fits are the
+    slowest by far.
     Returns the chosen C and every C tried with its held-out accuracy; ``fits``, when given, receives every
     classifier fitted, by C."""
     tried: dict[float, float] = {}
@@ -144,7 +148,14 @@ def select_C(
 
     low, high = log10_range
     grid = [low + i * coarse_step for i in range(math.floor((high - low) / coarse_step) + 1)]
-    best = max(grid, key=lambda c: (score(c), -c))
+    best, below = grid[0], 0
+    for log_c in grid:
+        if score(log_c) > score(best):
+            best, below = log_c, 0
+        elif score(log_c) < score(best):  # a tie (e.g. chance level at the strong end) is not past the peak
+            below += 1
+            if patience is not None and below >= patience:
+                break
     step = coarse_step
     for _ in range(refinements):
         step /= 2
