@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's psdclip, not an installed one
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's psdclip, not an installed one
 
 from psdclip.eval.datasets import FashionMNISTEvalSet
 from psdclip.eval.features import Runtime
@@ -22,15 +24,8 @@ from psdclip.eval.linear_probe import linear_probe
 from psdclip.eval.model import load_encoders
 from psdclip.eval.suite import EvalSuite
 
-SWEEP = {
-    "val_fraction": 0.2,
-    "seed": 0,
-    "log10_range": (-6, 6),
-    "coarse_step": 2,
-    "refinements": 3,
-    "patience": 2,
-    "max_iter": 1000,
-}
+# the probe settings evaluate.py uses: read from their one owner, the evaluation config
+SWEEP = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "evaluation" / "default.yaml").linear_probe)
 
 
 def features(args) -> dict[str, torch.Tensor]:
