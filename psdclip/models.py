@@ -1,5 +1,6 @@
 """open_clip dual encoders, tokenizers and preprocessing, by registry name or by a config shipped here."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,10 @@ from psdclip.callbacks.checkpointing import check_complete
 from psdclip.quiet import quiet_libraries
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# open_clip's cap on the learnt temperature: logits at most 100 × cosine similarity
+MAX_LOGIT_SCALE = math.log(100.0)
 # where a psdclip training checkpoint keeps each set of open_clip weights
-CHECKPOINT_WEIGHTS = {"student": "model.", "ema": "teacher.average.module."}
+CHECKPOINT_WEIGHTS = {"student": "model.", "ema": "teacher.model."}
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 quiet_libraries()  # every entry point builds its models through here
 

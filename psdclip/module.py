@@ -1,21 +1,36 @@
-"""The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; the optimiser and LR schedule
-of the ``optim`` config."""
+"""The LightningModule: encode both towers (and the EMA teacher's, where the loss reads it) → PSD loss → log; it
+builds and updates the teacher, and makes the optimiser and LR schedule it is given."""
 
 import contextlib
-import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
-from torch import Tensor
+from torch import Tensor, nn
 
-from psdclip.loss import PSDLoss, PSDOutput
-from psdclip.models import CLIPBundle, NormalizedEncoders
+from psdclip.loss import QUALITY_COUNTS, PSDLoss, PSDOutput
+from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, NormalizedEncoders
+from psdclip.teacher import EMATeacher
 
-MAX_LOGIT_SCALE = math.log(100.0)
 FEATURE_KEYS = ("image_features", "text_features", "logit_scale")  # what the loss reads of open_clip's output dict
-NOISE_DIAGNOSTICS = ("batch_noise", "distill_precision", "distill_recall")
+# the key of the training step's output that carries the loss's PSDOutput to callbacks (the media callback)
+LOSS_OUTPUT = "psd"
+# D against the data's corruption marks, over an epoch: logged names → (numerator, denominator) of QUALITY_COUNTS
+DIAGNOSTICS = {
+    "train/batch_noise_epoch": ("corrupted", "marked"),
+    "train/distill_precision_epoch": ("caught", "chosen_marked"),
+    "train/distill_recall_epoch": ("caught", "corrupted"),
+}
+
+
+class PairInfo(NamedTuple):
+    """What a batch says of its pairs besides images and tokens (each None where the data does not say)."""
+
+    noise_marks: Tensor | None = None  # 1 corrupted caption, 0 clean, -1 unknown: diagnostics only
+    pair_ids: Tensor | None = None  # each pair's identity (psdclip.data), for rules that remember pairs
+    planted: Tensor | None = None  # threshold pairs: given another pair's caption on purpose
 
 
 class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
@@ -23,10 +38,12 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
 
     Args:
         clip: the model with its preprocessing and tokenizer (from ``psdclip.models.create_clip``).
-        loss: the PSD (or, with alpha_max=0, plain CLIP) loss; it says whether an EMA teacher is kept.
+        loss: the PSD (or, with alpha_max=0, plain CLIP) loss.
+        teacher: builds the teacher from the student (``teacher=ema``: ``EMATeacher``), or None for the self
+            teacher (the student's own detached logits). Plain CLIP (alpha_max = 0) never builds one.
         optimizer: makes the optimiser from parameter groups (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``,
             what ``optim.optimizer`` instantiates); gains, biases, norms, scalars and ``logit_scale`` get no decay.
-        scheduler: makes the LR schedule from the optimiser and the run's total steps (``warmup_cosine_schedule``).
+        scheduler: makes the LR schedule from the optimiser and the run's total steps (``optim.scheduler``).
         micro_batches: compute each batch in this many pieces with the same loss and gradients as the whole batch
             (the loss, D and the teacher's targets span the whole batch), for ~1/K of the activation memory at the
             cost of one extra no-grad forward pass (see ``step_in_micro_batches``).
@@ -38,50 +55,70 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         self,
         clip: CLIPBundle,
         loss: PSDLoss,
+        teacher: Callable[[nn.Module], EMATeacher] | None,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler],
-        micro_batches: int = 1,
+        micro_batches: int,
     ):
         super().__init__()
         if micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-        self.save_hyperparameters(ignore=["clip", "loss", "optimizer", "scheduler"])  # the run's config holds them
+            raise ValueError(f"optim.micro_batches must be >= 1, got {micro_batches}")
+        # the run's config holds the rest
+        self.save_hyperparameters(ignore=["clip", "loss", "teacher", "optimizer", "scheduler"])
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.hparams["model_name"] = clip.name
         self.model, self.loss = clip.model, loss
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
-        self.teacher = loss.make_teacher(self.model)
+        self.teacher = teacher(self.model) if teacher is not None and loss.alpha_max > 0 else None
+        loss.check_teacher(self.teacher is not None)
+        self.quality: Tensor | None = None  # QUALITY_COUNTS summed over the epoch, on the device
         # micro-batches need a backward pass per piece inside the step, which Lightning allows only when optimising by hand
         self.automatic_optimization = micro_batches == 1
 
+    def setup(self, stage: str) -> None:
+        """Size the subset rule's per-pair state by the data (before a checkpoint restores it)."""
+        datamodule = self.trainer.datamodule if self.trainer else None
+        self.loss.subset.fit_data(getattr(datamodule, "pair_space", lambda: None)())
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict:
-        """``batch``: images, tokens and optionally the data's noise marks (diagnostics only)."""
-        images, texts, *marks = batch
-        noise_marks = marks[0] if marks else None
+        """``batch``: images, tokens and optionally ``PairInfo``'s fields in order."""
+        images, texts, *info = batch
+        info = PairInfo(*info)
         if self.automatic_optimization:
             outputs = self.model(images, texts)
             teacher = self.teacher(images, texts) if self.teacher_needed() else None
-            result = self.psd_loss(outputs, teacher, noise_marks)
+            result = self.psd_loss(outputs, teacher, info)
         else:
-            result = self.step_in_micro_batches(images, texts, noise_marks)
+            result = self.step_in_micro_batches(images, texts, info)
         stats = {**result.stats, "logit_scale": self.model.logit_scale.detach().exp()}
         for name, value in stats.items():
-            # how well D catches wrong captions is noisy per step: its epoch mean (train/<name>_epoch) is the figure
-            epoch_mean = name in NOISE_DIAGNOSTICS
-            self.log(
-                f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True, on_epoch=epoch_mean
-            )
+            self.log(f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True)
+        self.quality = result.quality if self.quality is None else self.quality + result.quality
         # the step's own loss output travels to callbacks (the media callback draws the targets it used)
-        return {"loss": result.loss, "psd": result}
+        return {"loss": result.loss, LOSS_OUTPUT: result}
+
+    def on_train_epoch_end(self) -> None:
+        """D's precision and recall over the epoch where the data marks corrupted captions, and what the subset rule
+        learnt about the data (one host sync per epoch)."""
+        if self.quality is not None:
+            counts = dict(zip(QUALITY_COUNTS, self.quality.tolist(), strict=True))
+            for name, (numerator, denominator) in DIAGNOSTICS.items():
+                if counts[denominator]:
+                    self.log(name, counts[numerator] / counts[denominator])
+            self.quality = None
+        for name, value in self.loss.subset.epoch_statistics().items():
+            if torch.isfinite(value):
+                self.log(f"train/{name}", value.float())
+
+    def alpha(self) -> float:
+        return self.loss.schedule(self.global_step, self.trainer.estimated_stepping_batches)
 
     def teacher_needed(self) -> bool:
-        """The teacher's forward runs only at the steps whose loss reads it (it is still updated every step)."""
-        steps = self.trainer.estimated_stepping_batches
-        return self.teacher is not None and self.loss.uses_teacher(self.global_step, steps)
+        """The teacher's forward runs only at the steps whose loss reads it (it is still updated every step): not
+        while alpha is 0, when D is empty."""
+        return self.teacher is not None and self.alpha() > 0
 
-    def psd_loss(
-        self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None, noise_marks: Tensor | None
-    ) -> PSDOutput:
+    def psd_loss(self, outputs: dict[str, Tensor], teacher: dict[str, Tensor] | None, info: PairInfo) -> PSDOutput:
         """The loss of the whole batch from the student's (and the teacher's) open_clip output dicts."""
         return self.loss(
             outputs["image_features"],
@@ -89,11 +126,14 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             outputs["logit_scale"],
             self.global_step,
             self.trainer.estimated_stepping_batches,
-            teacher,
-            noise_marks,
+            teacher_features=teacher,
+            pair_ids=info.pair_ids,
+            planted=info.planted,
+            noise_marks=info.noise_marks,
+            alpha=self.alpha(),
         )
 
-    def step_in_micro_batches(self, images: Tensor, texts: Tensor, noise_marks: Tensor | None) -> PSDOutput:
+    def step_in_micro_batches(self, images: Tensor, texts: Tensor, info: PairInfo) -> PSDOutput:
         """One optimiser step on the batch, computed in ``micro_batches`` pieces (gradient caching, as open_clip's
         ``--accum-freq``, with the loss computed once).
 
@@ -115,7 +155,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             cached = concat_outputs([self.model(*piece) for piece in pieces])
             teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher_needed() else None
         leaves = {name: cached[name].detach().requires_grad_() for name in FEATURE_KEYS}
-        result = self.psd_loss(leaves, teacher, noise_marks)
+        result = self.psd_loss(leaves, teacher, info)
         grads = dict(zip(FEATURE_KEYS, torch.autograd.grad(result.loss, list(leaves.values())), strict=True))
         sizes = [len(piece[0]) for piece in pieces]
         shares = {name: grads[name].split(sizes) for name in ("image_features", "text_features")}
@@ -165,23 +205,6 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         optimizer = self.make_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         schedule = self.make_scheduler(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` × the LR at ``total_steps``."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
-    )
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def pairs_in_batch(batch: tuple[Tensor, Tensor]) -> int:

@@ -1,7 +1,10 @@
-"""Distillation-ratio schedules: how much of each batch is distilled at a given optimiser step."""
+"""Schedules over the optimiser steps: the distillation ratio alpha (how much of each batch may be distilled) and the
+learning rate."""
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,21 @@ def make_schedule(name: str, alpha_max: float, start: float = 0, end: float | No
     if name not in SCHEDULES:
         raise ValueError(f"unknown alpha schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](alpha_max=alpha_max, start=start, end=end)
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` × the
+    LR at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    )
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,30 +1,47 @@
-"""The momentum (EMA) teacher: a slowly averaged copy of the dual encoder that supplies soft targets."""
+"""The momentum (EMA) teacher: a slowly averaged copy of the dual encoder that supplies soft targets. The training
+step (``psdclip.module``) builds it, runs it where the loss needs it and updates it after each optimiser step."""
+
+import copy
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class EMATeacher(nn.Module):
-    """Exponential moving average of ``model``'s weights, updated after each optimiser step.
+    """Exponential moving average of ``model``'s weights; buffers are copied (open_clip's causal attention mask
+    holds -inf, and -inf - -inf is NaN).
 
-    A registered submodule, so its weights travel in the checkpoint; it never receives gradients.
+    A registered submodule, so its weights travel in the checkpoint; it never receives gradients. The first update
+    copies the student (as torch's ``AveragedModel`` does), each later one moves ``1 - decay`` of the way to it.
+
+    Args:
+        model: the student, copied at construction.
+        decay: the average's weight on its past.
+        compile: compile the copy's forward (a deep copy drops the student's compiled call).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float, compile: bool):
         super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"teacher.decay must be in (0, 1), got {decay}")
         self.decay = decay
-        # buffers are copied, not averaged: open_clip's causal attention mask holds -inf, and -inf - -inf is NaN
-        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-        self.average.requires_grad_(False)
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        if compile:
+            self.model.compile()
+        # updates so far: on the device, so the first update's full copy needs no host sync
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.average.update_parameters(model)
-        for teacher_buffer, student_buffer in zip(self.average.module.buffers(), model.buffers()):
-            teacher_buffer.copy_(student_buffer)
+        # lerp with weight 1 returns the end point exactly: the first update is a copy
+        weight = torch.where(self.updates == 0, 1.0, 1.0 - self.decay).to(torch.float32)
+        for average, current in zip(self.model.parameters(), model.parameters(), strict=True):
+            average.lerp_(current.detach(), weight.to(average.device, average.dtype))
+        for average, current in zip(self.model.buffers(), model.buffers(), strict=True):
+            average.copy_(current)
+        self.updates += 1
 
     @torch.no_grad()
     def forward(self, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
-        self.average.eval()
-        return self.average.module(images, texts)
+        self.model.eval()
+        return self.model(images, texts)

@@ -39,7 +39,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only
-    module = PSDCLIPModule(clip, instantiate(cfg.loss), **instantiate(cfg.optim))
+    optim = instantiate(cfg.optim)
+    module = PSDCLIPModule(
+        clip,
+        instantiate(cfg.loss),
+        instantiate(cfg.teacher) if cfg.get("teacher") else None,
+        optimizer=optim.optimizer,
+        scheduler=optim.scheduler,
+        micro_batches=optim.micro_batches,
+    )
     datamodule = instantiate(cfg.data, transform=clip.train_transform, tokenizer=clip.tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
     # max_steps > 0 ends the run by itself: Lightning would otherwise also stop at max_epochs, whichever comes first
@@ -95,8 +103,8 @@ def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
     summary = {
         "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
         "alpha_max": cfg.loss.alpha_max,
-        "subset": cfg.loss.subset,
-        "teacher": cfg.loss.teacher,
+        "subset": trainer.lightning_module.loss.subset.name,
+        "teacher": "ema" if trainer.lightning_module.teacher is not None else "self",
         "noise": cfg.data.get("noise"),
         "noise_kind": cfg.data.get("noise_kind"),
         "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),

@@ -23,6 +23,8 @@ from psdclip.eval.datasets import EvalSet
 from psdclip.eval.features import Runtime, encode_texts, split_features
 from psdclip.eval.suite import EvalSuite
 from psdclip.eval.zeroshot import classifier_weights
+from psdclip.loss import PSDOutput
+from psdclip.module import LOSS_OUTPUT
 from psdclip.tables import markdown_table
 
 matplotlib.use("Agg")
@@ -125,15 +127,15 @@ class MediaCallback(L.Callback):
             or not isinstance(outputs, dict)
         ):
             return
-        step = outputs["psd"]  # the loss's output of this step: its logits, D and (through the loss) its targets
+        step: PSDOutput = outputs[LOSS_OUTPUT]  # the loss's output of this step: its logits, D and targets
         k = min(self.max_pairs, len(step.labels))
         rows = step.labels[:k]
-        distill = step.distill[rows].cpu()
+        distill = step.subset.chosen[rows].cpu()
         alpha = float(step.stats["alpha"])
         title = f"step {trainer.global_step}, alpha {alpha:.3f}, first {k} pairs (D rows marked)"
         for key, matrix, label in (
             ("media/similarity", step.logits_per_image, "logit"),
-            ("media/soft_targets", pl_module.loss.targets(step), "target mass"),
+            ("media/soft_targets", step.targets_per_image, "target mass"),
         ):
             picture = heatmap(matrix[:k][:, rows].float().cpu().numpy(), distill.numpy(), title, label)
             self._figure(trainer.loggers, key, picture, trainer.global_step)

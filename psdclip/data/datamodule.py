@@ -25,6 +25,7 @@ class ShardDataModule(L.LightningDataModule):
         resampled: draw shards with replacement (epochs become ``train_num_samples`` draws; needed for fractional
             upsample factors).
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
+        threshold_pairs: share of pairs given another pair's caption on purpose (``pipeline.PairIds``).
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
@@ -45,6 +46,7 @@ class ShardDataModule(L.LightningDataModule):
         resampled: bool = False,
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
+        threshold_pairs: float = 0.0,
         seed: int = 0,
         transform: Callable | None = None,
         tokenizer: Callable | None = None,
@@ -55,6 +57,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
+        self.threshold_pairs = threshold_pairs
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
@@ -132,7 +135,14 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled,
             image_key=self.image_key,
             text_key=self.text_key,
+            threshold_pairs=self.threshold_pairs,
         )
+
+    def pair_space(self) -> int | None:
+        """How many pairs the shards hold when pairs have dense identities (every shard's size listed), else None
+        (``psdclip.data.pipeline.PairIds``): what a per-pair memory is sized by."""
+        shards = self.resolved_shards
+        return sum(shard.size for shard in shards) if all(shard.listed for shard in shards) else None
 
     def train_dataloader(self) -> EpochLoader:
         trainer = self.trainer
@@ -147,11 +157,12 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Keep the skip counts the batch carries and warn about new bad shards; the model gets (images, tokens, noise marks)."""
-        if len(batch) == 4:  # a training batch, about to be trained on
-            images, tokens, skips, marks = batch
+        """Keep the skip counts the batch carries and warn about new bad shards; the model gets images, tokens and
+        ``psdclip.module.PairInfo``'s fields (noise marks, pair ids, threshold-pair flags)."""
+        if len(batch) == 6:  # a training batch, about to be trained on
+            images, tokens, skips, marks, ids, planted = batch
             self.batches_done += 1
             self.skipped += skips.counts
             self.skip_warnings.warn(skips.notes)
-            return images, tokens, marks
+            return images, tokens, marks, ids, planted
         return batch

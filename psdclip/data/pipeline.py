@@ -6,6 +6,7 @@ batch (``samples.Skips``: counts, and notes for the warnings), so counting needs
 (the embedded data does) carries that mark (1 corrupted, 0 clean, -1 unknown), for the loss's diagnostics only.
 """
 
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -31,6 +32,7 @@ from psdclip.data.samples import (
 )
 from psdclip.data.sources import Shard
 
+HASH_MASK = (1 << 63) - 1  # hashed identities are non-negative int64
 # a stream that skips this many samples in a row is not web noise but wrong settings or unreadable data
 MAX_CONSECUTIVE_SKIPS = 10_000
 
@@ -41,6 +43,39 @@ class Decoded(NamedTuple):
     mark: int  # noise mark: 1 corrupted caption, 0 clean, -1 unknown
     key: tuple[str, str]  # (shard, sample key): what makes two samples the same
     refill: bool  # read in place of a skipped sample
+    pair_id: int = 0  # the pair's identity (``PairIds``)
+    planted: bool = False  # a threshold pair: given another pair's caption on purpose
+
+
+class PairIds:
+    """Each pair's identity, the same in every epoch and on every rank: a dense index (its shard's offset plus its
+    place in the shard) where every shard's size is listed, else a 63-bit hash of (shard, key).
+
+    A seeded ``threshold_share`` of the pairs are threshold pairs (``planted``): in training they are given another
+    pair's caption on purpose, so that a subset rule can calibrate its cut-off on pairs known to be wrong
+    (``psdclip.subsets.MemorySubset``). Drawn from the identity and the seed, never from the stream's order.
+    """
+
+    def __init__(self, urls: list[str], listed_sizes: list[int | None], seed: int, threshold_share: float):
+        if not 0.0 <= threshold_share < 0.5:
+            raise ValueError(f"data.threshold_pairs must be in [0, 0.5), got {threshold_share}")
+        self.dense = all(size is not None for size in listed_sizes)
+        offsets = itertools.accumulate((size or 0 for size in listed_sizes), initial=0)
+        self.offsets = dict(zip(urls, offsets))
+        self.pairs = sum(size or 0 for size in listed_sizes) if self.dense else None
+        self.seed, self.threshold_share = seed, threshold_share
+
+    def of(self, url: str, key: str, index: int) -> int:
+        if self.dense:
+            return self.offsets[url] + index
+        digest = hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & HASH_MASK
+
+    def planted(self, pair_id: int) -> bool:
+        if not self.threshold_share:
+            return False
+        digest = hashlib.blake2b(f"{self.seed}\0{pair_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") < self.threshold_share * 2**64
 
 
 def distinct_batches(items: Iterator[Decoded], batch_size: int) -> Iterator[list[Decoded]]:
@@ -107,10 +142,12 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
+        threshold_pairs: float = 0.0,
     ):
         self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
         # sizes a tar is checked against (those spread evenly from num_samples are guesses)
         self.listed_sizes = [shard.size if shard.listed else None for shard in shards]
+        self.pair_ids = PairIds(self.urls, self.listed_sizes, seed, threshold_pairs)
         upsample = upsample or [1.0] * (max(shard.source for shard in shards) + 1)
         self.weights = [shard.size * upsample[shard.source] for shard in shards]
         self.repeats = [round(upsample[shard.source]) for shard in shards]
@@ -161,7 +198,9 @@ class ShardStream(IterableDataset):
                 [item.caption for item in batch],
                 torch.tensor([item.mark for item in batch], dtype=torch.int8),
             )
-            yield images, self.tokenizer(captions), counter.take(), marks
+            ids = torch.tensor([item.pair_id for item in batch], dtype=torch.int64)
+            planted = torch.tensor([item.planted for item in batch], dtype=torch.bool)
+            yield images, self.tokenizer(captions), counter.take(), marks, ids, planted
 
     def _stretches(self, epoch: int, worker: int, workers: int, quota: int, counter: SkipCounter):
         """This worker's stretch of the epoch, and the positions it takes replacements from (``plan``)."""
@@ -190,9 +229,10 @@ class ShardStream(IterableDataset):
         # ends the stream; __iter__ then says how few samples it found
 
     def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False) -> Iterator[Decoded]:
-        """Decoded samples; skips are counted by the reader that owns the sample (a refill's owner counted it)."""
+        """Decoded samples; skips are counted by the reader that owns the sample (a refill's owner counted it).
+        A threshold pair takes the caption of the pair decoded before it (and so is left out of the noise marks)."""
         report = ignore if refill else counter.add
-        in_a_row = 0
+        in_a_row, previous_caption = 0, None
         for sample in samples:
             try:
                 image = image_of(sample, self.image_keys)
@@ -211,7 +251,14 @@ class ShardStream(IterableDataset):
                     ) from None
                 continue
             in_a_row = 0
-            yield Decoded(image, caption, noise_mark(sample), (sample["__url__"], sample["__key__"]), refill)
+            pair_id = self.pair_ids.of(sample["__url__"], sample["__key__"], sample["__index__"])
+            planted = previous_caption is not None and self.pair_ids.planted(pair_id)
+            own_caption, mark = caption, noise_mark(sample)
+            if planted:
+                caption, mark = previous_caption, -1
+            previous_caption = own_caption
+            key = (sample["__url__"], sample["__key__"])
+            yield Decoded(image, caption, mark, key, refill, pair_id, planted)
 
 
 def noise_mark(sample: dict) -> int:

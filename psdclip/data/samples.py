@@ -132,8 +132,8 @@ def shard_samples(url: str, skip: int, take: int, report: Callable, listed: int 
                         yield finished
                     if index >= end:
                         return
-                if sample is None:
-                    sample = {"__key__": key, "__url__": url}
+                if sample is None:  # __index__: the sample's place in the shard, part of its identity
+                    sample = {"__key__": key, "__url__": url, "__index__": index}
                 sample[extension.lower()] = member["data"]
         finally:
             stream.close()

@@ -38,7 +38,7 @@ from psdclip.data.samples import BadSample, caption_of, image_keys, image_of, sh
 from psdclip.eval.model import CLIPEncoders
 from psdclip.loss import PSDLoss
 from psdclip.models import CLIPBundle, load_clip_checkpoint
-from psdclip.module import MAX_LOGIT_SCALE
+from psdclip.models import MAX_LOGIT_SCALE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

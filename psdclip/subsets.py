@@ -1,0 +1,274 @@
+"""Rules that choose the distillation subset D of a global batch: which pairs trade their one-hot target for the
+teacher's soft alignment, and with which weight.
+
+Each rule is a small ``nn.Module`` that owns its own settings (and state, such as the pair memory) and answers one
+question from the step's evidence (``SubsetQuery``): D as a bool mask over the global batch and each pair's
+soft-target weight in [0, 1] (0 outside D). D never holds more than ``query.count`` = floor(alpha·N) pairs: alpha,
+from the loss's schedule, caps D's share. A new rule is one class here plus one file in ``conf/loss/subset/``.
+
+Rules work on the device without host syncs (no ``.item()``, no boolean-mask shapes), so the loss compiles with
+``fullgraph=True``; only ``random`` draws on the host.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from psdclip.distributed import gather
+from psdclip.memory import PairMemory
+from psdclip.schedule import step_of
+
+
+@dataclass
+class SubsetQuery:
+    """What a rule sees of one step. Logits are the teacher's (the student's own, detached, without a teacher),
+    already divided by the loss's ``tau_teacher``; rows are this rank's queries against all N pairs."""
+
+    teacher_image: Tensor  # (rows, N) image→text
+    teacher_text: Tensor  # (rows, N) text→image
+    labels: Tensor  # (rows,) each row's own pair among the N
+    count: Tensor  # () int64, the most pairs D may hold: floor(alpha·N)
+    step: int | Tensor  # the optimiser step
+    total_steps: int  # of the whole training
+    pair_ids: Tensor | None = None  # (N,) int64 identity of each pair (``psdclip.data``), when the data gives it
+    planted: Tensor | None = None  # (N,) bool, pairs given another pair's caption on purpose (threshold pairs)
+
+    @property
+    def batch_size(self) -> int:
+        return self.teacher_image.shape[1]
+
+
+@dataclass
+class Subset:
+    """A rule's answer: D over the global batch, the same on every rank, and each pair's soft-target weight."""
+
+    chosen: Tensor  # (N,) bool
+    weight: Tensor  # (N,) float in [0, 1], 0 outside D
+
+
+def partner_probability(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tensor) -> Tensor:
+    """Each row's probability on its own partner, averaged over both directions: (rows,)."""
+    rows = torch.arange(len(labels), device=labels.device)
+    image = logits_per_image.detach().float().log_softmax(dim=-1)[rows, labels]
+    text = logits_per_text.detach().float().log_softmax(dim=-1)[rows, labels]
+    return (image.exp() + text.exp()) / 2
+
+
+def partner_gap(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tensor) -> Tensor:
+    """How far each row's best candidate outscores its own partner, in logits, averaged over both directions:
+    (rows,), ≥ 0; 0 when the partner is the best candidate both ways."""
+    rows = torch.arange(len(labels), device=labels.device)
+    gaps = [
+        logits.detach().float().max(dim=-1).values - logits.detach().float()[rows, labels]
+        for logits in (logits_per_image, logits_per_text)
+    ]
+    return (gaps[0] + gaps[1]) / 2
+
+
+def over_batch(score: Tensor, batch_size: int) -> Tensor:
+    """Per-row scores of this rank as scores of the whole global batch (each rank scores its own rows with the
+    local loss, all N without it, when the gather is the identity)."""
+    return gather(score, grad=False) if len(score) < batch_size else score
+
+
+def lowest(values: Tensor, count: Tensor | int) -> Tensor:
+    """Bool mask of the ``count`` entries with the lowest value (ties go to the lower index), with no host sync."""
+    order = torch.argsort(values, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(values), device=values.device)
+    return position < count
+
+
+def largest(values: Tensor, count: Tensor | int) -> Tensor:
+    """Bool mask of the ``count`` entries with the largest value (ties go to the lower index)."""
+    return lowest(-values, count)
+
+
+def hard_weight(chosen: Tensor) -> Subset:
+    """Every pair of D fully distilled."""
+    return Subset(chosen, chosen.float())
+
+
+class SubsetRule(nn.Module):
+    """Base of the rules: ``forward(query) -> Subset``; ``fit_data`` sizes per-pair state by the data before training
+    (and before a checkpoint restores it); ``epoch_statistics`` what the rule learnt about the data (logged once per
+    epoch). The last two do nothing by default."""
+
+    name: str  # the rule's file in conf/loss/subset/ and its key in RULES
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        raise NotImplementedError
+
+    def score(self, query: SubsetQuery) -> Tensor:
+        """How suspect each pair of the global batch looks to the rule from this batch alone, higher = more (what
+        the audit ranks by): (N,)."""
+        raise ValueError(f"subset rule {self.name!r} has no doubt score; use outscored, doubt or memory")
+
+    def fit_data(self, pair_space: int | None) -> None:
+        """``pair_space``: how many pairs the data holds where their identities are dense indices, else None."""
+
+    def epoch_statistics(self) -> dict[str, Tensor]:
+        return {}
+
+
+class RandomSubset(SubsetRule):
+    """floor(alpha·N) pairs drawn without replacement from ``seed`` and the step: the literal reading of the paper's
+    abstract, reproducible and the same on every rank. Drawn on the host (no compiled graph)."""
+
+    name = "random"
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(query.step))
+        order = torch.randperm(query.batch_size, generator=generator).to(query.labels.device)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(query.batch_size, device=order.device)
+        return hard_weight(position < query.count)
+
+
+class DoubtSubset(SubsetRule):
+    """The floor(alpha·N) pairs with the lowest teacher probability on their own partner (a fixed count: in a clean
+    batch it fills its quota with hard clean pairs)."""
+
+    name = "doubt"
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        return hard_weight(largest(self.score(query), query.count))
+
+    def score(self, query: SubsetQuery) -> Tensor:
+        probability = partner_probability(query.teacher_image, query.teacher_text, query.labels)
+        return 1 - over_batch(probability, query.batch_size)
+
+
+class OutscoredSubset(SubsetRule):
+    """Of the pairs whose best candidate the teacher scores more than ``margin`` logits above the pair itself
+    (averaged over both directions), the at most floor(alpha·N) with the largest gap.
+
+    A wrong caption is one the teacher confidently places elsewhere; a clean pair that is merely hard has no
+    confident alternative, keeps its target and is learnt.
+
+    Args:
+        margin: the gap in logits (a log-odds ratio: e² ≈ 7× at 2) that makes a pair suspect.
+        ramp: the gap beyond the margin over which a pair's soft-target weight rises linearly from 0 to 1: a pair
+            barely past the margin keeps most of its one-hot target. 0: full weight at once.
+    """
+
+    name = "outscored"
+
+    def __init__(self, margin: float, ramp: float):
+        super().__init__()
+        if margin < 0:
+            raise ValueError(f"outscored margin must be >= 0, got {margin}")
+        if ramp < 0:
+            raise ValueError(f"outscored ramp must be >= 0, got {ramp}")
+        self.margin, self.ramp = margin, ramp
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        return self.past_margin(self.score(query), query.count)
+
+    def score(self, query: SubsetQuery) -> Tensor:
+        return over_batch(partner_gap(query.teacher_image, query.teacher_text, query.labels), query.batch_size)
+
+    def past_margin(self, gap: Tensor, count: Tensor | int) -> Subset:
+        """D from per-pair gaps of the global batch: the largest first, so this keeps min(count, pairs past the
+        margin) of them."""
+        chosen = largest(gap, count) & (gap > self.margin)
+        if not self.ramp:
+            return hard_weight(chosen)
+        return Subset(chosen, ((gap - self.margin) / self.ramp).clamp(0.0, 1.0) * chosen)
+
+
+class MemorySubset(SubsetRule):
+    """D from evidence gathered over every appearance of each pair (``PairMemory``), not from one batch.
+
+    A wrong caption is misplaced by the teacher again and again, from the first epochs on; a hard clean pair now
+    and then. Every step records each pair's gap (the ``outscored`` score); a pair seen at least ``min_sightings``
+    times is in D when its remembered gap exceeds the threshold. The threshold calibrates itself where the data
+    plants threshold pairs (``data.threshold_pairs``: pairs given another pair's caption on purpose, AUM's idea):
+    the ``quantile`` of their remembered gaps, so that ~(1 − quantile) of known-wrong pairs would be caught; without
+    planted pairs it is ``margin``. A pair seen fewer times falls back to the single-batch ``outscored`` rule
+    (``fallback``), which the loss's alpha schedule opens as before: a one-pass run behaves as today's rule.
+
+    Args:
+        memory: the per-pair table.
+        fallback: the single-batch rule for pairs with too few sightings.
+        min_sightings: appearances before a pair's memory decides.
+        quantile: of the threshold pairs' remembered gaps that sets the cut-off; null: ``margin`` always.
+        threshold_pairs: the share of pairs the data plants as threshold pairs (the data module reads it from
+            this rule's config; the rule only checks that a calibrated cut-off has some).
+        margin: the cut-off in logits without threshold pairs.
+        fallback_start: when the fallback rule starts taking pairs, a step (int) or a fraction of the training
+            (float): today's rule opens half-way; the memory's pairs may enter D from the first step.
+        refresh_every: steps between two calibrations of the threshold.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self,
+        memory: PairMemory,
+        fallback: OutscoredSubset,
+        min_sightings: int,
+        quantile: float | None,
+        margin: float,
+        fallback_start: float,
+        refresh_every: int,
+        threshold_pairs: float,
+    ):
+        super().__init__()
+        if quantile is not None and not threshold_pairs:
+            raise ValueError("a calibrated threshold (quantile) needs threshold pairs: set threshold_pairs > 0 or quantile=null")
+        if min_sightings < 1:
+            raise ValueError(f"min_sightings must be >= 1, got {min_sightings}")
+        if quantile is not None and not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1) or null, got {quantile}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.memory, self.fallback = memory, fallback
+        self.min_sightings, self.quantile, self.margin = min_sightings, quantile, margin
+        self.fallback_start, self.refresh_every = fallback_start, refresh_every
+        # the calibrated cut-off, refreshed every few steps (it sorts the table); in the checkpoint, so a resumed run
+        # chooses the same D
+        self.register_buffer("threshold", torch.tensor(float(margin)))
+
+    def fit_data(self, pair_space: int | None) -> None:
+        self.memory.fit_data(pair_space)
+
+    def refresh_threshold(self) -> None:
+        """The planted pairs' ``quantile`` where there are any, else ``margin``."""
+        if self.quantile is not None:
+            calibrated = self.memory.quantile_of_planted(self.quantile, self.min_sightings)
+            self.threshold.copy_(torch.where(torch.isnan(calibrated), self.margin, calibrated))
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        if query.pair_ids is None:
+            raise ValueError("subset rule 'memory' needs each pair's identity: use a psdclip data module")
+        gap = self.fallback.score(query)
+        remembered, sightings = self.memory.record(query.pair_ids, gap, query.planted)
+        if query.step % self.refresh_every == 0:
+            self.refresh_threshold()
+        known = sightings >= self.min_sightings
+        fallback = self.fallback.past_margin(gap, query.count)
+        fallback_open = torch.as_tensor(query.step >= step_of(self.fallback_start, query.total_steps))
+        flagged = torch.where(known, remembered > self.threshold, fallback.chosen & fallback_open)
+        # the most suspect first when the cap binds: remembered gaps where known, the batch's gap otherwise
+        chosen = largest(torch.where(flagged, torch.where(known, remembered, gap), -torch.inf), query.count) & flagged
+        return Subset(chosen, torch.where(known, chosen.float(), fallback.weight * chosen))
+
+    def epoch_statistics(self) -> dict[str, Tensor]:
+        """``noise_estimate``: the share of the data's own pairs (threshold pairs left out) seen at least
+        ``min_sightings`` times whose remembered gap is past the threshold; ``memory_collisions``: pairs that
+        landed on a slot another pair held (hashed identities only)."""
+        return {
+            "noise_estimate": self.memory.share_above(self.threshold, self.min_sightings),
+            "noise_threshold": self.threshold.clone(),
+            "memory_collisions": self.memory.collisions.float(),
+        }
+
+
+# the registry: each rule by the name of its config (conf/loss/subset/<name>.yaml)
+RULES = {rule.name: rule for rule in (RandomSubset, DoubtSubset, OutscoredSubset, MemorySubset)}
