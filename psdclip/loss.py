@@ -130,15 +130,37 @@ class PSDLoss(nn.Module):
             it); by default the schedule's at ``step``.
         """
         per_image, per_text, labels = self.logits(image_features, text_features, logit_scale, grad=True)
-        if teacher_features is None:
-            teacher_image, teacher_text = per_image.detach(), per_text.detach()
-        else:
-            teacher_image, teacher_text, _ = self.logits(
+        teacher_logits = None
+        if teacher_features is not None:
+            teacher_logits = self.logits(
                 teacher_features["image_features"],
                 teacher_features["text_features"],
                 teacher_features["logit_scale"],
                 grad=False,
-            )
+            )[:2]
+        return self.from_logits(
+            per_image, per_text, labels, step, total_steps, teacher_logits, pair_ids, planted, noise_marks, alpha
+        )
+
+    def from_logits(
+        self,
+        per_image: Tensor,
+        per_text: Tensor,
+        labels: Tensor,
+        step: int | Tensor,
+        total_steps: int,
+        teacher_logits: tuple[Tensor, Tensor] | None = None,
+        pair_ids: Tensor | None = None,
+        planted: Tensor | None = None,
+        noise_marks: Tensor | None = None,
+        alpha: float | Tensor | None = None,
+    ) -> PSDOutput:
+        """The loss from logits: (rows, N) queries of this rank against the global batch, ``labels`` the rows' own
+        pairs; ``teacher_logits`` the teacher's (image→text, text→image) of the same shape, None: the student's own."""
+        if teacher_logits is None:
+            teacher_image, teacher_text = per_image.detach(), per_text.detach()
+        else:
+            teacher_image, teacher_text = teacher_logits
         batch_size = per_image.shape[1]
         alpha = self.schedule(step, total_steps) if alpha is None else alpha
         alpha = torch.as_tensor(alpha, dtype=torch.float64, device=labels.device)

@@ -25,7 +25,7 @@ class EMATeacher(nn.Module):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"teacher.decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = copy.deepcopy(model).requires_grad_(False)
         if compile:
             self.model.compile()
         # updates so far: on the device, so the first update's full copy needs no host sync

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from psdclip.loss import PSDLoss
+from psdclip.memory import PairMemory
+from psdclip.subsets import MemorySubset, OutscoredSubset
+from tests.helpers.losses import from_settings, make_loss
 
 N, DIM, STEPS = 12, 8, 100
 DEFAULT = {}  # loss=psd: D = the pairs the EMA teacher doubts most, soft targets over the batch
@@ -23,7 +25,18 @@ CASES = {
     "clip": (CLIP, False),
     "truncation": (TRUNCATION, False),
     "psd-subset-scope": ({"scope": "subset", "tau_teacher": 0.5, "mix": 0.8}, True),
+    "memory": ("memory", True),
 }
+
+
+def make(settings):
+    """The case's loss: flat settings (``from_settings``), or the memory rule with threshold pairs."""
+    if settings == "memory":
+        memory = PairMemory(decay=0.5, slots=64)
+        rule = MemorySubset(memory, OutscoredSubset(2.0, 0.0), 1, 0.2, 1.0, 0.5, 1, 0.03)
+        with torch.device("cpu"):  # the module's buffers live where the module was built
+            return make_loss(rule, alpha_max=0.5)
+    return from_settings(**settings)[0]
 
 
 def inputs(dtype=torch.float32) -> dict:
@@ -40,10 +53,12 @@ def inputs(dtype=torch.float32) -> dict:
         "logit_scale": torch.tensor(10.0, dtype=dtype, requires_grad=True),
         "teacher": teacher,
         "noise_marks": torch.tensor([1, 0, -1] * (N // 3)),
+        "pair_ids": torch.arange(N) * 5,
+        "planted": torch.arange(N) % 4 == 0,
     }
 
 
-def run(loss: PSDLoss, data: dict, step: int, with_teacher: bool):
+def run(loss, data: dict, step: int, with_teacher: bool):
     return loss(
         data["image_features"],
         data["text_features"],
@@ -51,7 +66,9 @@ def run(loss: PSDLoss, data: dict, step: int, with_teacher: bool):
         step,
         STEPS,
         data["teacher"] if with_teacher else None,
-        data["noise_marks"],
+        pair_ids=data["pair_ids"],
+        planted=data["planted"],
+        noise_marks=data["noise_marks"],
     )
 
 
@@ -60,8 +77,10 @@ def output_tensors(out) -> dict[str, torch.Tensor]:
         "loss": out.loss,
         "logits_per_image": out.logits_per_image,
         "labels": out.labels,
-        "distill": out.distill,
-        "teacher_logits_per_image": out.teacher_logits_per_image,
+        "targets_per_image": out.targets_per_image,
+        "chosen": out.subset.chosen,
+        "weight": out.subset.weight,
+        "quality": out.quality,
         **{f"stats/{k}": v for k, v in out.stats.items()},
     }
 
@@ -72,21 +91,23 @@ def output_tensors(out) -> dict[str, torch.Tensor]:
 def test_every_tensor_the_loss_makes_is_on_the_inputs_device(case, step):
     loss_kwargs, with_teacher = CASES[case]
     data = inputs()
-    loss = PSDLoss(**loss_kwargs)
+    loss = make(loss_kwargs)
     with torch.device("meta"):
         out = run(loss, data, step, with_teacher)
         out.loss.backward()
     misplaced = {name: t.device for name, t in output_tensors(out).items() if t.device != torch.device("cpu")}
     assert not misplaced, f"made off the inputs' device: {misplaced}"
-    assert out.stats["distill_count"] == math.floor(loss.schedule(step, STEPS) * N)
+    if loss_kwargs != "memory":  # the memory's D is smaller: pairs need sightings or the fallback
+        assert out.stats["distill_count"] == math.floor(loss.schedule(step, STEPS) * N)
     assert data["image_features"].grad.device == torch.device("cpu")
 
 
 def test_a_random_subset_reaches_the_inputs_device():
     """The random rule draws D on the host from seed and step (the same on every rank and device), then copies it."""
-    loss = PSDLoss(subset="random", teacher="self", scope="subset")
+    loss = from_settings(subset="random", teacher="self", scope="subset")[0]
     out = run(loss, inputs(), 60, False)
-    assert out.distill.device == out.loss.device and out.distill.sum() == math.floor(loss.schedule(60, STEPS) * N) > 0
+    chosen = out.subset.chosen
+    assert chosen.device == out.loss.device and chosen.sum() == math.floor(loss.schedule(60, STEPS) * N) > 0
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -94,13 +115,14 @@ def test_the_loss_is_fp32_under_bf16_autocast(case):
     loss_kwargs, with_teacher = CASES[case]
     data = inputs(torch.bfloat16)  # bf16 features, as the towers give them under bf16-mixed
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run(PSDLoss(**loss_kwargs), data, 60, with_teacher)
+        out = run(make(loss_kwargs), data, 60, with_teacher)
+    # the targets are fp32 however the logits are
     floating = {name: t.dtype for name, t in output_tensors(out).items() if t.is_floating_point()}
     assert floating and all(dtype == torch.float32 for dtype in floating.values()), floating
     out.loss.backward()
     assert data["image_features"].grad.dtype == torch.bfloat16 and torch.isfinite(data["image_features"].grad).all()
     # the same value as the fp32 loss of the same (bf16-rounded) features: nothing inside ran in bf16
     reference = run(
-        PSDLoss(**loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher
+        make(loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher
     )
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)

@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
-from psdclip.module import MAX_LOGIT_SCALE, PSDCLIPModule, warmup_cosine
+from psdclip.models import MAX_LOGIT_SCALE
+from psdclip.module import PSDCLIPModule
+from psdclip.schedule import warmup_cosine
+from tests.helpers.losses import from_settings, make_loss
 from tests.helpers.one_step import optim
 from tests.helpers.trainers import quiet_trainer
 
@@ -27,7 +29,7 @@ def fit(module, batches, **trainer_kwargs):
 
 
 def test_no_weight_decay_on_gains_biases_norms_scalars_and_logit_scale():
-    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), PSDLoss(), **optim())
+    module = PSDCLIPModule(create_clip("psdclip-vit-tiny"), *from_settings(), **optim())
     module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     optimizer = module.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups
@@ -61,7 +63,7 @@ def test_logit_scale_is_clamped_after_each_step():
     clip = create_clip("psdclip-vit-tiny")
     with torch.no_grad():
         clip.model.logit_scale.fill_(math.log(150.0))
-    module = PSDCLIPModule(clip, PSDLoss(alpha_max=0.0, schedule="constant"), **optim(**{"optimizer.lr": 1e-6}))
+    module = PSDCLIPModule(clip, make_loss(alpha_max=0.0), None, **optim(**{"optimizer.lr": 1e-6}))
     fit(module, tiny_batches(clip, count=1))
     assert module.model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
 
@@ -69,28 +71,49 @@ def test_logit_scale_is_clamped_after_each_step():
 def test_ema_teacher_follows_the_student_and_is_checkpointed(tmp_path):
     clip = create_clip("psdclip-vit-tiny")
     module = PSDCLIPModule(
-        clip, PSDLoss(teacher="ema", ema_decay=0.5), **optim(**{"optimizer.lr": 1e-2, "scheduler.warmup_steps": 1})
+        clip, *from_settings(ema_decay=0.5), **optim(**{"optimizer.lr": 1e-2, "scheduler.warmup_steps": 1})
     )
     start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = fit(module, tiny_batches(clip, count=3))
     name = "visual.conv1.weight"
     student = dict(module.model.named_parameters())[name]
-    teacher = dict(module.teacher.average.module.named_parameters())[name]
+    teacher = dict(module.teacher.model.named_parameters())[name]
     assert not teacher.requires_grad
     assert not torch.equal(teacher, start[name]) and not torch.equal(teacher, student)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     state = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
-    assert torch.equal(state[f"teacher.average.module.{name}"], teacher)
-    assert int(state["teacher.average.n_averaged"]) == 3
+    assert torch.equal(state[f"teacher.model.{name}"], teacher)
+    assert int(state["teacher.updates"]) == 3
 
 
 def test_the_ema_teacher_runs_only_at_the_steps_whose_loss_reads_it():
     """Before the ramp starts D is empty: the teacher's forward is skipped there, and its average still advances."""
     clip = create_clip("psdclip-vit-tiny")
-    module = PSDCLIPModule(clip, PSDLoss(teacher="ema", ramp_start=2, ramp_end=3), **optim())
+    module = PSDCLIPModule(clip, *from_settings(ramp_start=2, ramp_end=3), **optim())
     calls = []
     module.teacher.register_forward_hook(lambda *_: calls.append(module.global_step))
     fit(module, tiny_batches(clip, count=4))
     assert calls == [3]  # alpha is 0 up to step 2 (the ramp's start) and 0.5 at step 3
-    assert int(module.teacher.average.n_averaged) == 4
-    assert not PSDLoss(teacher="self").uses_teacher(3, 4) and not PSDLoss(alpha_max=0.0).uses_teacher(3, 4)
+    assert int(module.teacher.updates) == 4
+    assert PSDCLIPModule(clip, *from_settings(teacher="self"), **optim()).teacher is None
+    assert PSDCLIPModule(clip, *from_settings(alpha_max=0.0), **optim()).teacher is None  # CLIP never pays for one
+
+
+def test_the_ema_average_matches_torch_s_averaged_model():
+    """The teacher's update is torch's EMA (AveragedModel with get_ema_multi_avg_fn): a copy first, then lerps."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from psdclip.teacher import EMATeacher
+
+    student = torch.nn.Linear(3, 2)
+    ours, reference = EMATeacher(student, decay=0.9, compile=False), AveragedModel(
+        student, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False
+    )
+    for step in range(4):
+        with torch.no_grad():
+            for param in student.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(step)))
+        ours.update(student)
+        reference.update_parameters(student)
+        for mine, theirs in zip(ours.model.parameters(), reference.module.parameters()):
+            assert torch.equal(mine, theirs)

@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from psdclip.loss import PSDLoss
 from psdclip.models import create_clip
-from psdclip.module import PSDCLIPModule
+from psdclip.module import LOSS_OUTPUT, PSDCLIPModule
+from tests.helpers.losses import from_settings
 from tests.helpers.trainers import quiet_trainer
 
 OPTIM_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "optim" / "adamw.yaml"
@@ -33,16 +33,17 @@ def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_module(loss_kwargs: dict, local_loss: bool = False, micro_batches: int = 1) -> PSDCLIPModule:
+    """The tiny model with the loss and teacher of ``loss_kwargs`` (``tests.helpers.losses.from_settings``)."""
     torch.manual_seed(0)
     module = PSDCLIPModule(
         create_clip("psdclip-vit-tiny"),
-        PSDLoss(**loss_kwargs, local_loss=local_loss),
+        *from_settings(**loss_kwargs, local_loss=local_loss),
         **optim(**{"scheduler.warmup_steps": 1, "optimizer.eps": 1e-4, "micro_batches": micro_batches}),
     )
     if module.teacher is not None:  # a teacher that differs from the student, so its soft targets matter
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for param in module.teacher.average.parameters():
+            for param in module.teacher.model.parameters():
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return module
 
@@ -55,7 +56,7 @@ class Capture(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.loss = trainer.callback_metrics["train/loss"].clone()
-        self.distill = outputs["psd"].distill.cpu().clone()
+        self.distill = outputs[LOSS_OUTPUT].subset.chosen.cpu().clone()
 
 
 class OneBatch:
@@ -78,7 +79,7 @@ def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
         **trainer_kwargs,
     )
     trainer.fit(module, train_dataloaders=OneBatch(batch))
-    teacher = module.teacher.average.module if module.teacher is not None else None
+    teacher = module.teacher.model if module.teacher is not None else None
     return {
         "loss": capture.loss,
         "grads": capture.grads,

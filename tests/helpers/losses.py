@@ -1,0 +1,76 @@
+"""Builders shared by the loss and subset-rule tests: PSD losses with explicit settings, tiny feature batches."""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from psdclip.loss import PSDLoss
+from psdclip.subsets import DoubtSubset, OutscoredSubset, RandomSubset
+from psdclip.teacher import EMATeacher
+
+
+def make_loss(subset=None, alpha_max=0.5, schedule="constant", ramp_start=0, ramp_end=None, **settings) -> PSDLoss:
+    """A PSD loss with the given rule (default: a random D from seed 0) and settings (scope, tau_teacher, mix,
+    local_loss), every other setting at its plain value."""
+    options = {"scope": "batch", "tau_teacher": 1.0, "mix": 1.0, "local_loss": False, **settings}
+    return PSDLoss(subset or RandomSubset(seed=0), alpha_max, schedule, ramp_start, ramp_end, **options)
+
+
+def random_rule(seed=0):
+    return RandomSubset(seed=seed)
+
+
+def doubt_rule():
+    return DoubtSubset()
+
+
+def outscored_rule(margin=2.0, ramp=0.0):
+    return OutscoredSubset(margin=margin, ramp=ramp)
+
+
+def features(n=8, dim=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
+    text = F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
+    return image, text
+
+
+def logits_of(image, text, scale=10.0):
+    per_image = scale * image @ text.T
+    return per_image, per_image.T
+
+
+def planted_batch(n=16, corrupted=(2, 5, 11), dim=32, seed=0):
+    """Aligned pairs (text ≈ image) except the planted ones, whose text belongs to no image in the batch."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    text = image + 0.1 * torch.randn(n, dim, generator=g)
+    text[list(corrupted)] = torch.randn(len(corrupted), dim, generator=g)
+    return image, F.normalize(text, dim=-1)
+
+
+def from_settings(
+    subset="outscored",
+    teacher="ema",
+    ema_decay=0.99,
+    outscore_margin=2.0,
+    outscore_ramp=0.0,
+    seed=0,
+    alpha_max=0.5,
+    schedule="linear",
+    ramp_start=0,
+    ramp_end=None,
+    **settings,
+):
+    """A loss and teacher factory from one flat set of settings, as the configs spell them (``loss/subset``
+    name, ``teacher`` ema|self, ``teacher.decay``): the module tests' shorthand."""
+    rule = {
+        "random": lambda: RandomSubset(seed=seed),
+        "doubt": DoubtSubset,
+        "outscored": lambda: OutscoredSubset(margin=outscore_margin, ramp=outscore_ramp),
+    }[subset]()
+    loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
+    if teacher == "self":
+        return loss, None
+    return loss, functools.partial(EMATeacher, decay=ema_decay, compile=False)
