@@ -81,7 +81,7 @@ class PairMemory(nn.Module):
         ordered = torch.where(valid, self.scores.float(), torch.inf).sort().values
         count = valid.sum()
         index = (quantile * (count - 1).clamp(min=0)).floor().long()
-        return torch.where(count > 0, ordered[index], torch.nan)
+        return torch.where(count > 0, ordered.gather(0, index.view(1)).squeeze(0), torch.nan)
 
     def share_above(self, threshold: Tensor, min_sightings: int) -> Tensor:
         """The share of the data's own pairs (threshold pairs left out) seen ``min_sightings`` times whose average is

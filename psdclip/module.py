@@ -61,8 +61,6 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         micro_batches: int,
     ):
         super().__init__()
-        if micro_batches < 1:
-            raise ValueError(f"optim.micro_batches must be >= 1, got {micro_batches}")
         # the run's config holds the rest
         self.save_hyperparameters(ignore=["clip", "loss", "teacher", "optimizer", "scheduler"])
         self.make_optimizer, self.make_scheduler = optimizer, scheduler

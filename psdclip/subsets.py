@@ -253,7 +253,7 @@ class MemorySubset(SubsetRule):
             self.refresh_threshold()
         known = sightings >= self.min_sightings
         fallback = self.fallback.past_margin(gap, query.count)
-        fallback_open = torch.as_tensor(query.step >= step_of(self.fallback_start, query.total_steps), device=gap.device)
+        fallback_open = gap.new_full((), query.step) >= step_of(self.fallback_start, query.total_steps)
         flagged = torch.where(known, remembered > self.threshold, fallback.chosen & fallback_open)
         # the most suspect first when the cap binds: remembered gaps where known, the batch's gap otherwise
         chosen = largest(torch.where(flagged, torch.where(known, remembered, gap), -torch.inf), query.count) & flagged

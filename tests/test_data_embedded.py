@@ -81,10 +81,13 @@ def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir,
     loader = data.train_dataloader()
     batches = list(loader)
     assert len(loader) == len(batches) == 10
-    images, tokens, skipped, marks = batches[
-        0
-    ]  # the DataModule takes the skip counts off before the model sees the batch
+    # the DataModule takes the skip counts off before the model sees the batch
+    images, tokens, skipped, marks, ids, planted = batches[0]
     assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
+    # dense identities (every shard's size is listed): each pair once per epoch, none planted
+    pairs = data.num_samples()
+    assert data.pair_space() == pairs and not planted.any()
+    assert sorted(torch.cat([batch[4] for batch in batches]).tolist()) == list(range(pairs))
     assert skipped.counts.sum() == 0 and skipped.notes == []
     # each sample's noise mark is its json's "corrupted" flag (data.noise defaults to 0.3)
     assert marks.dtype == torch.int8 and set(marks.tolist()) == {0, 1}
@@ -185,7 +188,7 @@ def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, t
         tokenizer=clip.tokenizer,
     )
     data.prepare_data()
-    ((_, _, _, marks),) = list(data.train_dataloader())  # one batch: the whole epoch, every sample once
+    ((_, _, _, marks, _, _),) = list(data.train_dataloader())  # one batch: the whole epoch, every sample once
     assert marks.sum().item() == sum(s["json"]["corrupted"] for s in read_samples(data.shards.pattern)) > 0
 
 
@@ -229,3 +232,63 @@ def test_val_split_is_held_out_clean_and_disjoint_from_train(fashion_mnist_dir, 
 def test_bad_data_settings_are_refused(fashion_mnist_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _ = FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), **kwargs).num_samples
+
+
+def epoch_pairs(data, epoch=0) -> dict[int, tuple[str, bool, int]]:
+    """Each pair id of one epoch's stream → (caption tokens, planted, noise mark); the stream's first pair, which
+    has no caption before it to take, is left out."""
+    stream = data.stream(epoch=epoch)
+    pairs = {}
+    for _, tokens, _, marks, ids, planted in stream:
+        for token_row, pair_id, flag, mark in zip(tokens.tolist(), ids.tolist(), planted.tolist(), marks.tolist()):
+            pairs[pair_id] = (tuple(token_row), flag, mark)
+    first = next(iter(stream))[4][0].item()
+    return {pair: value for pair, value in pairs.items() if pair != first}
+
+
+def test_threshold_pairs_are_reproducible_from_the_seed_and_never_reach_evaluation(fashion_mnist_dir, tmp_path):
+    clip = create_clip("psdclip-vit-tiny")
+
+    def data(seed, share):
+        module = EmbeddedDataModule(
+            str(fashion_mnist_dir),
+            str(tmp_path),
+            noise=0.0,
+            shard_size=100,
+            batch_size=50,
+            num_workers=0,
+            seed=seed,
+            threshold_pairs=share,
+            transform=clip.train_transform,
+            tokenizer=clip.tokenizer,
+        )
+        module.prepare_data()
+        return module
+
+    clean, planted_a = epoch_pairs(data(0, 0.0)), epoch_pairs(data(0, 0.2))
+    planted_ids = {pair for pair, (_, flag, _) in planted_a.items() if flag}
+    assert 0.12 < len(planted_ids) / len(planted_a) < 0.28
+    # the same pairs in another epoch (their identity decides, not the stream order), other pairs under another seed
+    later = epoch_pairs(data(0, 0.2), epoch=1)
+    common = planted_a.keys() & later.keys()
+    assert len(common) > 250 and all(planted_a[pair][1] == later[pair][1] for pair in common)
+    other_seed = epoch_pairs(data(1, 0.2))
+    assert {pair for pair in common if other_seed.get(pair, (0, False))[1]} != planted_ids & common
+    # a planted pair carries another pair's caption and no noise mark; every other pair is as without planting
+    for pair, (tokens, flag, mark) in planted_a.items():
+        own_tokens, _, own_mark = clean[pair]
+        if flag:
+            assert mark == -1 and tokens in {caption for caption, _, _ in clean.values()}
+        else:
+            assert (tokens, mark) == (own_tokens, own_mark)
+    # evaluation reads the shards with the shared reader, not the training stream: it never sees a planted caption
+    from psdclip.data.samples import shard_samples
+
+    captions = [
+        sample["txt"].decode()
+        for shard in data(0, 0.2).resolved_shards
+        for sample in shard_samples(shard.url, 0, shard.size, lambda *_: None)
+    ]
+    assert [tuple(row) for row in clip.tokenizer(captions[:5]).tolist()] == [
+        clean[pair][0] for pair in range(5)
+    ]

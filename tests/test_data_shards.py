@@ -69,12 +69,12 @@ def test_same_seed_same_stream_next_epoch_differs_and_resume_matches(tmp_path):
     # persistent workers follow the trainer's epoch; a loader started at epoch 1 (a resumed run) sees the same
     epoch = [0]
     loader = EpochLoader(dm.stream(0, 2), current_epoch=lambda: epoch[0], num_workers=2, persistent_workers=True)
-    first = [ids_of(tokens) for _, tokens, _, _ in loader]
+    first = [ids_of(tokens) for _, tokens, *_ in loader]
     epoch[0] = 1
-    second = [ids_of(tokens) for _, tokens, _, _ in loader]
+    second = [ids_of(tokens) for _, tokens, *_ in loader]
     resumed = EpochLoader(dm.stream(0, 2), current_epoch=lambda: 1, num_workers=2)
     assert first == epoch_ids(dm, epoch=0)[0]
-    assert second == [ids_of(tokens) for _, tokens, _, _ in resumed] != first
+    assert second == [ids_of(tokens) for _, tokens, *_ in resumed] != first
 
 
 def test_resampled_mixture_follows_size_times_upsample(tmp_path):
@@ -129,7 +129,7 @@ def test_bad_data_counts_reach_the_datamodule_through_worker_processes(tmp_path)
     _, expected = write_bad_set(tmp_path)
     dm = datamodule(str(tmp_path / "{000..008}-000000.tar"), num_workers=2)
     for batch in EpochLoader(dm.stream(0, 1), lambda: 0, num_workers=2):
-        images, tokens, _ = dm.on_before_batch_transfer(batch, 0)
+        images, tokens, *_ = dm.on_before_batch_transfer(batch, 0)
         assert images.shape == (8, 3, 4, 4) and tokens.shape == (8, 1)
     assert {name: dm.skipped[COUNTERS.index(name)].item() for name in expected} == expected
 

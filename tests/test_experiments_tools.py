@@ -15,11 +15,13 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.loggers import git_state
-from psdclip.tools.audit import batch_doubt, quality
+from psdclip.subsets import DoubtSubset, OutscoredSubset
+from psdclip.tools.audit import batch_query, quality
 from psdclip.tools.report import Job, parse_overrides, swept_keys
 from psdclip.tools.study import aggregate, commands, run_study
 from psdclip.training import train
 from tests.conftest import compose_config, tiny_paths, tiny_run_overrides
+from tests.helpers.losses import make_loss
 from tests.helpers.processes import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +309,7 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
         *(f"+train.{item}" for item in tiny_paths(fashion_mnist_dir, tmp_path)),
         "+train.data.shard_size=100",
         # 3 steps teach the model too little to outscore anything by the default margin: D would stay empty
-        "+train.loss.outscore_margin=0",
+        "+train.loss.subset.margin=0",
     ]
     result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -331,26 +333,24 @@ def test_quick_study_runs_end_to_end(fashion_mnist_dir, tmp_path):
     assert (out / "study.md").read_text() == written
 
 
-@pytest.mark.parametrize("subset", ["outscored", "doubt"])
-def test_audit_scores_pairs_with_the_doubt_of_the_loss(subset):
-    """The audit's score is the loss's doubt of each pair in its batch, and its flags in a batch are the loss's D."""
-    from psdclip.loss import PSDLoss
-
+@pytest.mark.parametrize("rule", [OutscoredSubset(margin=0.5, ramp=0.0), DoubtSubset()])
+def test_audit_scores_pairs_with_the_doubt_of_the_rule(rule):
+    """The audit's score is the rule's doubt of each pair in its batch, and its flags in a batch are the rule's D as
+    the loss would choose it in training."""
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(10, 8, generator=generator), dim=-1)
     text = torch.nn.functional.normalize(image + 0.5 * torch.randn(10, 8, generator=generator), dim=-1)
-    loss = PSDLoss(
-        alpha_max=0.4, schedule="constant", subset=subset, teacher="self", tau_teacher=2.0, outscore_margin=0.5
-    )
-    score = batch_doubt(loss, image, text, scale=10.0)
+    query = batch_query(image, text, scale=10.0, tau=2.0, fraction=0.4)
+    score = rule.score(query)
     logits = 10.0 * image @ text.T / 2.0
-    if subset == "doubt":  # 1 − the probability on the own partner
+    if isinstance(rule, DoubtSubset):  # 1 − the probability on the own partner
         by_hand = 1 - 0.5 * (logits.softmax(1).diagonal() + logits.T.softmax(1).diagonal())
     else:  # how far the best candidate outscores the own partner
         by_hand = 0.5 * (logits.max(1).values + logits.max(0).values) - logits.diagonal()
     torch.testing.assert_close(score, by_hand)
-    distill = loss.from_logits(10.0 * image @ text.T, 10.0 * text @ image.T, torch.arange(10), 0.4, 0).distill
-    assert torch.equal(distill, loss.doubted_subset(score, 4)) and distill.sum() >= 1
+    loss = make_loss(rule, alpha_max=0.4, tau_teacher=2.0)
+    trained = loss.from_logits(10.0 * image @ text.T, 10.0 * text @ image.T, torch.arange(10), 0, 1).subset.chosen
+    assert torch.equal(trained, rule(query).chosen) and trained.sum() >= 1
 
 
 def test_audit_quality_against_known_corruption():

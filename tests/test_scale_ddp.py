@@ -40,6 +40,9 @@ CASES = [  # (loss settings, local_loss, micro_batches per rank)
     # each rank computes its share in pieces; the reference is one process on the whole batch at once
     (EMA_OUTSCORED, False, 2),
     (EMA_OUTSCORED, True, 2),
+    # the pair memory records the gathered batch: the same table on every rank as in one process
+    ({**EMA_OUTSCORED, "subset": "memory"}, False, 1),
+    ({**EMA_OUTSCORED, "subset": "memory"}, True, 2),
 ]
 IDS = [
     "clip",
@@ -55,11 +58,13 @@ IDS = [
     "outscored-ema-local",
     "outscored-ema-micro-batches",
     "outscored-ema-local-micro-batches",
+    "memory-ema",
+    "memory-ema-local-micro-batches",
 ]
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    return batch_of(WORLD * PER_RANK)
+def global_batch() -> tuple[torch.Tensor, ...]:
+    return batch_of(WORLD * PER_RANK, pair_info=True)
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -72,12 +77,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         NODE_RANK="0",
     )
     torch.set_num_threads(1)
-    images, texts = global_batch()
+    batch = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     for index, (loss_kwargs, local_loss, micro_batches) in enumerate(CASES):
         result = one_step(
             make_module(loss_kwargs, local_loss, micro_batches),
-            (images[rows], texts[rows]),
+            tuple(part[rows] for part in batch),
             devices=WORLD,
             strategy=DDPStrategy(process_group_backend="gloo"),
         )
@@ -111,7 +116,7 @@ def test_ddp_step_equals_single_process(ddp_results, index):
         assert (
             loss_kwargs["alpha_max"] == 0
             or result["distill"].sum() == full
-            or (loss_kwargs.get("subset") == "outscored" and 0 < result["distill"].sum() <= full)
+            or (loss_kwargs.get("subset") in ("outscored", "memory") and 0 < result["distill"].sum() <= full)
         )
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
@@ -121,6 +126,9 @@ def test_ddp_step_equals_single_process(ddp_results, index):
             )
         # after the AdamW step (lr 1e-3; eps 1e-4 above gradient rounding: its first step ~ lr·g/(|g| + eps) would
         # otherwise turn a 1e-8 rounding difference in a ~1e-7 gradient into a 1e-5 weight difference)
+        for name, value in reference["rule"].items():  # the pair memory is the same on every rank
+            torch.testing.assert_close(result["rule"][name], value, rtol=1e-3, atol=1e-3)
+        assert loss_kwargs.get("subset") != "memory" or reference["rule"]["memory.sightings"].sum() == WORLD * PER_RANK
         for group in ("weights", "teacher"):  # the EMA teacher agrees on every rank
             for name, value in reference[group].items():
                 torch.testing.assert_close(result[group][name], value, rtol=1e-4, atol=1e-5)

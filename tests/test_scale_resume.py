@@ -56,8 +56,8 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
                 "data.shuffle_buffer=64",
                 "optim.scheduler.warmup_steps=3",
                 f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
-                "loss.teacher=ema",
-                "loss.ema_decay=0.9",
+                "teacher=ema",
+                "teacher.decay=0.9",
                 "loss.ramp_start=0",  # alpha ramps over the whole run, across the resume point
                 "loss.ramp_end=null",
                 "+model.augmentation.scale=[1.0,1.0]",
@@ -75,35 +75,43 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
     return Path(cfg.paths.output_dir)
 
 
-def curves(run_dir: Path) -> dict[int, tuple[float, float]]:
-    """step → (alpha, learning rate) from the CSV log."""
+def curves(run_dir: Path) -> dict[int, tuple[float, float, float]]:
+    """step → (alpha, learning rate, D's size) from the CSV log."""
     with open(run_dir / "csv" / "metrics.csv") as metrics:
         rows = list(csv.DictReader(metrics))
     alpha = {int(r["step"]): float(r["train/alpha"]) for r in rows if r.get("train/alpha")}
     lr = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")}
-    return {step: (alpha[step], lr[step]) for step in alpha.keys() & lr.keys()}
+    count = {int(r["step"]): float(r["train/distill_count"]) for r in rows if r.get("train/distill_count")}
+    return {step: (alpha[step], lr[step], count[step]) for step in alpha.keys() & lr.keys() & count.keys()}
+
+
+# the pair memory rule, deciding from each pair's second sighting (the tiny run sees each pair a few times) on a
+# margin a tiny model's teacher reaches: the resumed run must restore the memory to choose the same D
+MEMORY = ["loss/subset=memory", "loss.subset.min_sightings=2", "loss.subset.quantile=null", "loss.subset.margin=0.05"]
 
 
 @pytest.mark.slow
-def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir):
-    straight = run(tmp_path, fashion_dir, "straight")
-    killed = run(tmp_path, fashion_dir, "killed", crash=CRASH_AFTER)
+@pytest.mark.parametrize("rule", [[], MEMORY], ids=["outscored", "memory"])
+def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir, rule):
+    straight = run(tmp_path, fashion_dir, "straight", *rule)
+    killed = run(tmp_path, fashion_dir, "killed", *rule, crash=CRASH_AFTER)
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == EVERY
-    resumed = run(tmp_path, fashion_dir, "resumed", "ckpt_path=last")
+    resumed = run(tmp_path, fashion_dir, "resumed", *rule, "ckpt_path=last")
 
     expected, got = curves(straight), curves(resumed)
     later = sorted(step for step in expected if step >= EVERY)
     assert len(later) >= STEPS - EVERY - 1 and set(later) <= set(got), (sorted(expected), sorted(got))
     for step in later:
         assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
-    assert len({alpha for alpha, _ in expected.values()}) > 3  # alpha ramps, so the check has teeth
+    assert len({alpha for alpha, _, _ in expected.values()}) > 3  # alpha ramps, so the check has teeth
+    assert not rule or max(count for *_, count in expected.values()) > 0  # the memory's D is not empty
 
     final = {
         name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=False)
         for name, path in (("straight", straight), ("resumed", resumed))
     }
     assert final["straight"]["global_step"] == final["resumed"]["global_step"] == STEPS
-    for key, value in final["straight"]["state_dict"].items():  # student and EMA teacher
+    for key, value in final["straight"]["state_dict"].items():  # student, EMA teacher and the pair memory
         torch.testing.assert_close(final["resumed"]["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert final["resumed"]["rng_states"]["torch"].shape == final["straight"]["rng_states"]["torch"].shape
 
@@ -151,7 +159,7 @@ def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
     from tests.helpers.one_step import OneBatch, global_batch, make_module
 
     module = make_module({"alpha_max": 0.5, "teacher": "ema", "ema_decay": 0.9}, local_loss=False)
-    # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
+    # 2 steps: the teacher's first update copies the student, the second makes the EMA differ from it
     trainer = quiet_trainer(
         max_steps=2,
     )
@@ -159,7 +167,7 @@ def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     out = export(tmp_path / "run.ckpt", tmp_path / "export", weights=weights)
 
-    source = module.model if weights == "student" else module.teacher.average.module
+    source = module.model if weights == "student" else module.teacher.model
     source.eval()
     images, texts = global_batch(16)
     from PIL import Image

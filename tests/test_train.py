@@ -20,7 +20,7 @@ def logged(run_dir: Path) -> pd.DataFrame:
 @pytest.mark.slow
 def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, tmp_path):
     # margin 0: ten steps teach too little for a pair to be outscored by the default margin, and D would stay empty
-    metrics = train(train_cfg("loss.outscore_margin=0"))
+    metrics = train(train_cfg("loss.subset.margin=0"))
     assert 0.0 <= metrics["eval/fashion_mnist/zeroshot_top1"] <= 1.0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -51,7 +51,7 @@ def test_default_psd_training_logs_every_scalar_and_writes_a_summary(train_cfg, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides,method", [(["loss=clip"], "clip"), (["loss.teacher=ema"], "psd")])
+@pytest.mark.parametrize("overrides,method", [(["loss=clip"], "clip"), (["teacher=ema"], "psd")])
 def test_clip_and_ema_teacher_variants_train(train_cfg, tmp_path, overrides, method):
     metrics = train(train_cfg("trainer.max_steps=3", *overrides))
     assert "eval/fashion_mnist/zeroshot_top1" in metrics
@@ -62,11 +62,11 @@ def test_clip_and_ema_teacher_variants_train(train_cfg, tmp_path, overrides, met
     "overrides,message",
     [
         (["loss.alpha_max=1.0"], "alpha_max must be in \\[0, 1\\)"),
-        (["loss=psd_random", "loss.scope=batch"], "no learning signal"),
         (["data.noise=-0.2"], "data.noise must be a fraction"),
     ],
 )
 def test_refused_configs_fail_with_clear_messages(train_cfg, overrides, message):
+    """Each object refuses its own bad settings when the config instantiates it."""
     cfg = train_cfg(*overrides)
     group = "loss" if overrides[0].startswith("loss") else "data"
     with pytest.raises(InstantiationException, match=message):
@@ -76,3 +76,8 @@ def test_refused_configs_fail_with_clear_messages(train_cfg, overrides, message)
 def test_unknown_model_name_fails_with_clear_message(train_cfg):
     with pytest.raises(InstantiationException, match="unknown model 'ViT-Nope'"):
         instantiate(train_cfg("model.name=ViT-Nope").model)
+
+
+def test_a_random_subset_without_a_teacher_over_the_batch_is_refused_before_training(train_cfg):
+    with pytest.raises(ValueError, match="no learning signal"):
+        train(train_cfg("loss=psd_random", "teacher=self", "loss.scope=batch"))

@@ -2,10 +2,13 @@
 
     python -m psdclip.tools.audit ckpt=<run>/checkpoints/last.ckpt [data=…] [fraction=0.5] [batch_size=256]
 
-The score is the PSD loss's own doubt (``PSDLoss.doubt`` of the ``loss`` config, the default ``loss=psd``): in a
-batch of ``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine) against the other pairs
-of the batch, e.g. how far the best candidate outscores the pair's own partner, averaged over the image→text and
-text→image directions. In each batch the pairs the loss would distil at alpha = ``fraction`` are flagged (its D).
+The score is a subset rule's doubt (``subset``: a ``loss/subset`` config, ``outscored`` by default): in a batch of
+``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine / ``tau``) against the other
+pairs of the batch, e.g. how far the best candidate outscores the pair's own partner, averaged over the image→text
+and text→image directions. In each batch the pairs the rule would distil at alpha = ``fraction`` are flagged (its D).
+With ``subset=memory`` the batch score is its single-batch fallback's, and where the checkpoint holds the run's pair
+memory, ``memory.csv`` lists what training remembered of each pair (shard, key, caption, remembered gap,
+sightings, flagged by the run's own threshold), most suspect first: a table to read, sort and filter.
 
 Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, flagged, …),
 ``suspects.csv`` (the ``top_k`` first), ``suspects.png`` (an image grid) and ``audit.json``. When the data says
@@ -36,9 +39,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from psdclip.data.samples import BadSample, caption_of, image_keys, image_of, shard_samples
 from psdclip.eval.model import CLIPEncoders
-from psdclip.loss import PSDLoss
-from psdclip.models import CLIPBundle, load_clip_checkpoint
-from psdclip.models import MAX_LOGIT_SCALE
+from psdclip.data.pipeline import PairIds
+from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, load_clip_checkpoint
+from psdclip.subsets import MemorySubset, RandomSubset, SubsetQuery, SubsetRule
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -46,10 +49,11 @@ import matplotlib.pyplot as plt
 log = logging.getLogger(__name__)
 
 
-def batch_doubt(loss: PSDLoss, image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
-    """The loss's doubt of each pair of a batch (rows of normalised ``image``/``text``), higher = more suspect."""
-    logits = scale * image @ text.T
-    return loss.doubt(logits, logits.T, torch.arange(len(image), device=image.device))
+def batch_query(image: torch.Tensor, text: torch.Tensor, scale: float, tau: float, fraction: float) -> SubsetQuery:
+    """A batch of normalised ``image``/``text`` rows as a subset rule sees it in training at alpha = ``fraction``."""
+    logits = scale * image @ text.T / tau
+    count = torch.tensor(math.floor(fraction * len(image)), device=image.device)
+    return SubsetQuery(logits, logits.T, torch.arange(len(image), device=image.device), count, 0, 1)
 
 
 @dataclass
@@ -83,7 +87,8 @@ class PairStream:
                     meta = json.loads(sample["json"]) if "json" in sample else {}
                 except ValueError:  # unreadable metadata: the pair is still audited, without known corruption
                     meta = {}
-                yield {**pair, "shard": url, "key": sample["__key__"], "meta": meta if isinstance(meta, dict) else {}}
+                meta = meta if isinstance(meta, dict) else {}
+                yield {**pair, "shard": url, "key": sample["__key__"], "index": sample["__index__"], "meta": meta}
 
     def batches(self, transform, batch_size: int, limit: int | None = None):
         batch = []
@@ -100,7 +105,8 @@ class PairStream:
 @dataclass
 class Auditor:
     clip: CLIPBundle
-    loss: PSDLoss
+    rule: SubsetRule
+    tau: float
     device: torch.device
     scale: float = field(init=False)
     encoders: CLIPEncoders = field(init=False)
@@ -120,8 +126,8 @@ class Auditor:
         """Score every pair; returns the rows (sorted, most suspect first) and the ``grid`` most suspect images."""
         rows, worst = [], []  # worst: a min-heap of the grid's (score, index, image)
         for batch in stream.batches(self.clip.eval_transform, batch_size, limit):
-            scores = batch_doubt(self.loss, *self.encode(batch), self.scale)
-            flagged = self.loss.doubted_subset(scores, math.floor(fraction * len(batch)))
+            query = batch_query(*self.encode(batch), self.scale, self.tau, fraction)
+            scores, flagged = self.rule.score(query), self.rule(query).chosen
             for item, score, flag in zip(batch, scores.tolist(), flagged.tolist()):
                 row = {
                     "shard": item["shard"],
@@ -186,36 +192,85 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     datamodule = instantiate(cfg.data, transform=clip.eval_transform, tokenizer=clip.tokenizer)
     datamodule.prepare_data()
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
-    loss = instantiate(cfg.loss)
-    if loss.subset == "random":
-        raise ValueError(
-            "loss.subset=random has no doubt score to audit with; use loss=psd (outscored) or loss.subset=doubt"
-        )
-    auditor = Auditor(clip, loss, torch.device(cfg.device))
+    rule = instantiate(cfg.subset)
+    if isinstance(rule, RandomSubset):
+        raise ValueError("subset=random has no doubt score to audit with; use subset=outscored, doubt or memory")
+    memory = remembered_pairs(cfg.ckpt, datamodule, stream, rule) if isinstance(rule, MemorySubset) else None
+    batch_rule = rule.fallback if isinstance(rule, MemorySubset) else rule
+    auditor = Auditor(clip, batch_rule, cfg.tau, torch.device(cfg.device))
     frame, suspects, rows = auditor.run(stream, cfg.batch_size, cfg.fraction, cfg.limit, cfg.grid)
     frame.to_csv(out_dir / "scores.csv", index=False)
     frame.head(cfg.top_k).to_csv(out_dir / "suspects.csv", index=False)
     image_grid(suspects, rows, out_dir / "suspects.png")
+    if memory is not None:
+        memory.to_csv(out_dir / "memory.csv", index=False)
     result = {
         "ckpt": str(cfg.ckpt),
         "shards": datamodule.train_shards,
-        "subset": loss.subset,
-        "tau": loss.tau_teacher,
-        "outscore_margin": loss.outscore_margin,
+        "subset": rule.name,
+        "tau": cfg.tau,
         "logit_scale": auditor.scale,
         "batch_size": cfg.batch_size,
         "fraction": cfg.fraction,
         **quality(frame),
+        **({"memory": memory_summary(memory)} if memory is not None else {}),
         "skipped": dict(stream.skipped),
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
     figures = "  ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in result.items()
-        if k not in ("ckpt", "shards", "skipped")
+        if k not in ("ckpt", "shards", "skipped", "memory")
     )
-    print(f"audit: {figures}\nwritten to {out_dir} (scores.csv, suspects.csv, suspects.png, audit.json)")
+    written = "scores.csv, suspects.csv, suspects.png, audit.json" + (", memory.csv" if memory is not None else "")
+    print(f"audit: {figures}\nwritten to {out_dir} ({written})")
     return result
+
+
+def remembered_pairs(ckpt: str, datamodule, stream: PairStream, rule: MemorySubset) -> pd.DataFrame | None:
+    """The checkpoint's pair memory as a table of the data's pairs: shard, key, caption, remembered gap, sightings,
+    threshold pair, flagged (seen ``min_sightings`` times and past the run's threshold), most suspect first. None
+    when the run kept no memory."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "loss.subset."
+    if f"{prefix}memory.scores" not in state:
+        log.warning("%s holds no pair memory (trained with another subset rule): no memory.csv", ckpt)
+        return None
+    min_sightings = rule.min_sightings
+    shards = datamodule.resolved_shards
+    ids = PairIds([s.url for s in shards], [s.size if s.listed else None for s in shards], 0, 0.0)
+    scores, sightings = state[f"{prefix}memory.scores"].float(), state[f"{prefix}memory.sightings"].long()
+    planted, threshold = state[f"{prefix}memory.planted"], float(state[f"{prefix}threshold"])
+    rows = []
+    for pair in stream.pairs():
+        slot = ids.of(pair["shard"], pair["key"], pair["index"]) % len(scores)
+        seen = int(sightings[slot])
+        rows.append(
+            {
+                "shard": pair["shard"],
+                "key": pair["key"],
+                "caption": pair["caption"],
+                "remembered_gap": float(scores[slot]) if seen else float("nan"),
+                "sightings": seen,
+                "threshold_pair": bool(planted[slot]),
+                "flagged": bool(seen >= min_sightings and scores[slot] > threshold),
+                **({"corrupted": bool(pair["meta"]["corrupted"])} if "corrupted" in pair["meta"] else {}),
+            }
+        )
+    table = pd.DataFrame(rows).sort_values("remembered_gap", ascending=False, kind="stable", na_position="last")
+    table.attrs["threshold"] = threshold
+    return table.reset_index(drop=True)
+
+
+def memory_summary(table: pd.DataFrame) -> dict:
+    """What the run's memory says of the data: the share flagged among the data's own pairs (its noise estimate),
+    and against known corruption, the flagged pairs' precision and recall."""
+    own = table[~table["threshold_pair"] & (table["sightings"] > 0)]
+    summary = {"threshold": table.attrs.get("threshold"), "pairs": len(own), "noise_estimate": float(own["flagged"].mean())}
+    if "corrupted" in own and own["corrupted"].any():
+        caught = (own["flagged"] & own["corrupted"]).sum()
+        summary.update(precision=float(caught / max(own["flagged"].sum(), 1)), recall=float(caught / own["corrupted"].sum()))
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="audit")

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from psdclip.loss import PSDLoss
-from psdclip.subsets import DoubtSubset, OutscoredSubset, RandomSubset
+from psdclip.memory import PairMemory
+from psdclip.subsets import DoubtSubset, MemorySubset, OutscoredSubset, RandomSubset
 from psdclip.teacher import EMATeacher
 
 
@@ -69,6 +70,17 @@ def from_settings(
         "random": lambda: RandomSubset(seed=seed),
         "doubt": DoubtSubset,
         "outscored": lambda: OutscoredSubset(margin=outscore_margin, ramp=outscore_ramp),
+        # decided by the memory from the first sighting, with the fixed margin (what a one-step test can see)
+        "memory": lambda: MemorySubset(
+            PairMemory(decay=0.5, slots=64),
+            OutscoredSubset(margin=outscore_margin, ramp=outscore_ramp),
+            min_sightings=1,
+            quantile=None,
+            margin=outscore_margin,
+            fallback_start=0,
+            refresh_every=1,
+            threshold_pairs=0.0,
+        ),
     }[subset]()
     loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
     if teacher == "self":

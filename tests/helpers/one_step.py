@@ -25,11 +25,15 @@ def optim(**settings) -> dict:
     return instantiate(cfg)
 
 
-def global_batch(size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(size: int, seed: int = 1, pair_info: bool = False) -> tuple[torch.Tensor, ...]:
+    """Images and tokens; with ``pair_info`` also noise marks (unknown), pair ids and threshold-pair flags (none)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(size, 3, 28, 28, generator=generator)
     texts = torch.randint(1, 49407, (size, 16), generator=generator)
-    return images, texts
+    if not pair_info:
+        return images, texts
+    marks = torch.full((size,), -1, dtype=torch.int8)
+    return images, texts, marks, torch.arange(size) * 3 + 1, torch.zeros(size, dtype=torch.bool)
 
 
 def make_module(loss_kwargs: dict, local_loss: bool = False, micro_batches: int = 1) -> PSDCLIPModule:
@@ -86,4 +90,5 @@ def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
         "distill": capture.distill,
         "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
         "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {},
+        "rule": {k: v.detach().clone() for k, v in module.loss.subset.state_dict().items()},  # e.g. the pair memory
     }

@@ -54,7 +54,7 @@ def run_rank(stream, workers: int = 2) -> tuple[list[list[int]], np.ndarray]:
     """Sample ids of each batch one rank's DataLoader yields, and the skip counts the batches carried (their notes
     warned about as the DataModule does)."""
     batches, counts, warnings = [], 0, SkipWarnings()
-    for images, tokens, skips, _ in DataLoader(stream, batch_size=None, num_workers=workers):
+    for images, tokens, skips, *_ in DataLoader(stream, batch_size=None, num_workers=workers):
         assert images.shape[0] == tokens.shape[0]
         batches.append(ids_of(tokens))
         counts = counts + skips.counts.numpy()
