@@ -29,7 +29,9 @@ def query(batch: int, pairs: int, step: int, device: str) -> SubsetQuery:
     logits = torch.randn(batch, batch, device=device) * 5
     ids = torch.randint(0, pairs, (batch,), device=device)
     planted = torch.rand(batch, device=device) < 0.03
-    return SubsetQuery(logits, logits.T, torch.arange(batch, device=device), torch.tensor(batch // 2), step, 10**6, ids, planted)
+    return SubsetQuery(
+        logits, logits.T, torch.arange(batch, device=device), torch.tensor(batch // 2), step, 10**6, ids, planted
+    )
 
 
 def per_step_ms(rule, batch: int, pairs: int, device: str, steps: int) -> float:
@@ -61,10 +63,14 @@ def main() -> None:
     single = per_step_ms(outscored, args.batch, args.pairs, args.device, args.steps)
     remembering = per_step_ms(rule, args.batch, args.pairs, args.device, args.steps)
     extra = remembering - single
-    print(f"device {args.device}, global batch {args.batch}, table {args.pairs:,} slots, refresh every {args.refresh_every}")
+    print(
+        f"device {args.device}, global batch {args.batch}, table {args.pairs:,} slots, refresh every {args.refresh_every}"
+    )
     print(f"outscored rule {single:.2f} ms/step, memory rule {remembering:.2f} ms/step: +{extra:.2f} ms")
     print(f"share of a {args.step_ms:.0f} ms step: {100 * extra / args.step_ms:.2f}%")
-    print(f"bytes per pair: {memory.nbytes_per_slot()} (fp16 average, uint8 sightings, bool threshold flag, int32 fingerprint)")
+    print(
+        f"bytes per pair: {memory.nbytes_per_slot()} (fp16 average, uint8 sightings, bool threshold flag, int32 fingerprint)"
+    )
     for name, pairs in DATASETS.items():
         print(f"  {name}: {pairs * memory.nbytes_per_slot() / 2**20:,.0f} MiB")
 

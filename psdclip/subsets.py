@@ -221,7 +221,9 @@ class MemorySubset(SubsetRule):
     ):
         super().__init__()
         if quantile is not None and not threshold_pairs:
-            raise ValueError("a calibrated threshold (quantile) needs threshold pairs: set threshold_pairs > 0 or quantile=null")
+            raise ValueError(
+                "a calibrated threshold (quantile) needs threshold pairs: set threshold_pairs > 0 or quantile=null"
+            )
         if min_sightings < 1:
             raise ValueError(f"min_sightings must be >= 1, got {min_sightings}")
         if quantile is not None and not 0.0 < quantile < 1.0:

@@ -18,7 +18,8 @@ from tests.helpers.shard_sets import write_set
 
 CONF = Path(CONFIG_DIR)
 # the groups train.yaml selects from (evaluation/curve and evaluation/datasets are parts of evaluation options)
-GROUPS = ["model", "evaluation", "data", "loss", "optim", "trainer", "callbacks", "logger", "paths", "hydra"]
+GROUPS = ["model", "evaluation", "data", "loss", "loss/subset", "teacher", "optim", "trainer", "callbacks", "logger"]
+GROUPS += ["paths", "hydra"]
 GROUPS += ["experiment", "hparams_search", "debug"]
 PAPER_DATASETS = ("cc3m", "cc12m", "yfcc15m")
 USER_GIVEN = {"data.train_shards": "shards/", "model.name": "ViT-B-32"}
@@ -63,6 +64,7 @@ def test_every_option_of_every_group_composes(group, option):
     assert all(callable(get_object(target)) for target in targets(tree))
     assert isinstance(instantiate(cfg.loss), PSDLoss)
     assert instantiate(cfg.data).batch_size == cfg.data.batch_size
+    assert cfg.teacher is None or callable(instantiate(cfg.teacher))
 
 
 def test_the_options_are_the_files():
@@ -78,14 +80,21 @@ def test_paper_recipes_name_their_trainer_data_and_evaluation(name):
     assert cfg.data.train_shards.endswith(name.split("_")[0]) and "imagenet1k" in cfg.evaluation.datasets
 
 
-@pytest.mark.parametrize("config,groups", [("eval", ["evaluation"]), ("audit", ["loss", "data"])])
+# (entry point, [(config group, how the entry point's defaults place it, the key it lands on)])
+ENTRY_POINT_GROUPS = [
+    ("eval", [("evaluation", "evaluation", "evaluation")]),
+    ("audit", [("loss/subset", "loss/subset@subset", "subset"), ("data", "data", "data")]),
+]
+
+
+@pytest.mark.parametrize("config,groups", ENTRY_POINT_GROUPS)
 def test_the_other_entry_points_compose_with_each_option(config, groups):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for group in groups:
+        for group, placed, key in groups:
             for option in options(group):
-                cfg = compose(config_name=config, overrides=[f"{group}={option}", "ckpt=x.ckpt"])
-                assert "_target_" in cfg[group], (config, group, option)
+                cfg = compose(config_name=config, overrides=[f"{placed}={option}", "ckpt=x.ckpt"])
+                assert "_target_" in cfg[key], (config, group, option)
     GlobalHydra.instance().clear()
 
 

@@ -82,7 +82,7 @@ def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir,
     batches = list(loader)
     assert len(loader) == len(batches) == 10
     # the DataModule takes the skip counts off before the model sees the batch
-    images, tokens, skipped, marks, ids, planted = batches[0]
+    images, tokens, skipped, marks, _, planted = batches[0]
     assert images.shape == (32, 3, 28, 28) and tokens.shape == (32, 16) and tokens.dtype == torch.long
     # dense identities (every shard's size is listed): each pair once per epoch, none planted
     pairs = data.num_samples()
@@ -289,6 +289,4 @@ def test_threshold_pairs_are_reproducible_from_the_seed_and_never_reach_evaluati
         for shard in data(0, 0.2).resolved_shards
         for sample in shard_samples(shard.url, 0, shard.size, lambda *_: None)
     ]
-    assert [tuple(row) for row in clip.tokenizer(captions[:5]).tolist()] == [
-        clean[pair][0] for pair in range(5)
-    ]
+    assert [tuple(row) for row in clip.tokenizer(captions[:5]).tolist()] == [clean[pair][0] for pair in range(5)]

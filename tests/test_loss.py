@@ -16,7 +16,9 @@ RANDOM = {"scope": "subset"}
 def random_mask(n, alpha, step, seed=0):
     """The random rule's D, drawn as the rule documents it: the first floor(alpha·n) of a seeded permutation."""
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[: math.floor(alpha * n)]] = 1
+    mask[
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[: math.floor(alpha * n)]
+    ] = 1
     return mask
 
 
@@ -111,7 +113,7 @@ def test_subset_scope_puts_no_mass_outside_the_subset():
     per_image, _ = logits_of(*features(n))
     chosen = torch.zeros(n, dtype=torch.bool)
     chosen[[1, 4, 6]] = True
-    target, soft = targets(per_image, torch.arange(n), Subset(chosen, chosen.float()), "subset", 1.0)
+    target, _ = targets(per_image, torch.arange(n), Subset(chosen, chosen.float()), "subset", 1.0)
     q = torch.softmax(per_image[[1, 4, 6]][:, [1, 4, 6]], dim=1)
     torch.testing.assert_close(target[[1, 4, 6]][:, [1, 4, 6]], q)
     assert target[[1, 4, 6]][:, ~chosen].abs().max() == 0
@@ -211,7 +213,9 @@ def test_the_noise_marks_reach_the_quality_counts():
     image, text = planted_batch()
     marks = torch.zeros(16, dtype=torch.int8)
     marks[[2, 5, 11]] = 1
-    out = make_loss(doubt_rule(), alpha_max=0.25, scope="subset")(image, text, torch.tensor(20.0), 0, 10, noise_marks=marks)
+    out = make_loss(doubt_rule(), alpha_max=0.25, scope="subset")(
+        image, text, torch.tensor(20.0), 0, 10, noise_marks=marks
+    )
     assert dict(zip(QUALITY_COUNTS, out.quality.tolist())) == {
         "marked": 16,
         "corrupted": 3,

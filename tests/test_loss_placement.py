@@ -122,7 +122,35 @@ def test_the_loss_is_fp32_under_bf16_autocast(case):
     out.loss.backward()
     assert data["image_features"].grad.dtype == torch.bfloat16 and torch.isfinite(data["image_features"].grad).all()
     # the same value as the fp32 loss of the same (bf16-rounded) features: nothing inside ran in bf16
-    reference = run(
-        make(loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher
-    )
+    reference = run(make(loss_kwargs), {**inputs(torch.bfloat16), "logit_scale": torch.tensor(10.0)}, 60, with_teacher)
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["psd-default", "memory"])
+def test_the_loss_compiles_without_graph_breaks_while_alpha_ramps(case):
+    """No host sync in the loss: a graph break (``.item()``, a data-dependent shape, ``if tensor``) would make
+    ``fullgraph=True`` fail. Step and alpha change every call, as in training while alpha ramps."""
+    loss_kwargs, _ = CASES[case]
+    loss = make(loss_kwargs)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    data = inputs()
+    for step in (40, 55, 70):
+        alpha = torch.tensor(loss.schedule(step, STEPS), dtype=torch.float64)
+        out = compiled(
+            data["image_features"],
+            data["text_features"],
+            data["logit_scale"],
+            step,
+            STEPS,
+            data["teacher"],
+            pair_ids=data["pair_ids"],
+            planted=data["planted"],
+            noise_marks=data["noise_marks"],
+            alpha=alpha,
+        )
+        out.loss.backward()
+        eager = run(make(loss_kwargs), data, step, True) if case != "memory" else None
+        if eager is not None:
+            torch.testing.assert_close(out.loss, eager.loss)
+            assert torch.equal(out.subset.chosen, eager.subset.chosen)

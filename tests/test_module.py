@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psdclip.models import create_clip
-from psdclip.models import MAX_LOGIT_SCALE
+from psdclip.models import MAX_LOGIT_SCALE, create_clip
 from psdclip.module import PSDCLIPModule
 from psdclip.schedule import warmup_cosine
 from tests.helpers.losses import from_settings, make_loss
@@ -106,8 +105,9 @@ def test_the_ema_average_matches_torch_s_averaged_model():
     from psdclip.teacher import EMATeacher
 
     student = torch.nn.Linear(3, 2)
-    ours, reference = EMATeacher(student, decay=0.9, compile=False), AveragedModel(
-        student, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False
+    ours, reference = (
+        EMATeacher(student, decay=0.9, compile=False),
+        AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False),
     )
     for step in range(4):
         with torch.no_grad():

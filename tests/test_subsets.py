@@ -33,7 +33,7 @@ def test_every_rule_is_registered_under_its_config_name():
 
 def test_random_subset_is_reproducible_and_varies_by_step():
     image, text = planted_batch(n=100)
-    draw = lambda rule, step: rule(query_of(image, text, 0.37, step=step)).chosen  # noqa: E731
+    draw = lambda rule, step: rule(query_of(image, text, 0.37, step=step)).chosen
     first, again, later = draw(random_rule(4), 5), draw(random_rule(4), 5), draw(random_rule(4), 6)
     assert first.sum() == 37 and torch.equal(first, again) and not torch.equal(first, later)
     assert not torch.equal(first, draw(random_rule(5), 5))
@@ -53,7 +53,13 @@ def test_doubt_picks_the_planted_corrupted_pairs(teacher):
 
 def test_ties_go_to_the_lower_index():
     assert lowest(torch.tensor([0.5, 0.1, 0.1, 0.9, 0.1]), 2).tolist() == [False, True, True, False, False]
-    assert largest(torch.tensor([0.5, 0.9, 0.9, 0.1, 0.9]), torch.tensor(2)).tolist() == [False, True, True, False, False]
+    assert largest(torch.tensor([0.5, 0.9, 0.9, 0.1, 0.9]), torch.tensor(2)).tolist() == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_doubt_without_a_teacher_over_the_batch_truncates_the_doubted_pairs():
@@ -130,7 +136,9 @@ def test_outscored_takes_at_most_alpha_n_pairs_largest_gap_first():
     assert gap[chosen].min() >= gap[~chosen].max()
 
 
-@pytest.mark.parametrize("settings,message", [({"margin": -1}, "margin must be >= 0, got -1"), ({"ramp": -2}, "ramp must be >= 0, got -2")])
+@pytest.mark.parametrize(
+    "settings,message", [({"margin": -1}, "margin must be >= 0, got -1"), ({"ramp": -2}, "ramp must be >= 0, got -2")]
+)
 def test_negative_outscored_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         OutscoredSubset(**{"margin": 2.0, "ramp": 0.0, **settings})

@@ -37,11 +37,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from psdclip.data.pipeline import PairIds
 from psdclip.data.samples import BadSample, caption_of, image_keys, image_of, shard_samples
 from psdclip.eval.model import CLIPEncoders
-from psdclip.data.pipeline import PairIds
 from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, load_clip_checkpoint
-from psdclip.subsets import MemorySubset, RandomSubset, SubsetQuery, SubsetRule
+from psdclip.subsets import MemorySubset, SubsetQuery, SubsetRule
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -193,7 +193,7 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     datamodule.prepare_data()
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
     rule = instantiate(cfg.subset)
-    if isinstance(rule, RandomSubset):
+    if rule.name == "random":
         raise ValueError("subset=random has no doubt score to audit with; use subset=outscored, doubt or memory")
     memory = remembered_pairs(cfg.ckpt, datamodule, stream, rule) if isinstance(rule, MemorySubset) else None
     batch_rule = rule.fallback if isinstance(rule, MemorySubset) else rule
@@ -266,10 +266,16 @@ def memory_summary(table: pd.DataFrame) -> dict:
     """What the run's memory says of the data: the share flagged among the data's own pairs (its noise estimate),
     and against known corruption, the flagged pairs' precision and recall."""
     own = table[~table["threshold_pair"] & (table["sightings"] > 0)]
-    summary = {"threshold": table.attrs.get("threshold"), "pairs": len(own), "noise_estimate": float(own["flagged"].mean())}
+    summary = {
+        "threshold": table.attrs.get("threshold"),
+        "pairs": len(own),
+        "noise_estimate": float(own["flagged"].mean()),
+    }
     if "corrupted" in own and own["corrupted"].any():
         caught = (own["flagged"] & own["corrupted"]).sum()
-        summary.update(precision=float(caught / max(own["flagged"].sum(), 1)), recall=float(caught / own["corrupted"].sum()))
+        summary.update(
+            precision=float(caught / max(own["flagged"].sum(), 1)), recall=float(caught / own["corrupted"].sum())
+        )
     return summary
 
 
