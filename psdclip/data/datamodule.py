@@ -7,7 +7,9 @@ from functools import cached_property
 import lightning as L
 import torch
 
+from psdclip.cli import check_setting
 from psdclip.data.pipeline import EpochLoader, ShardStream
+from psdclip.data.plan import batches_per_rank
 from psdclip.data.samples import COUNTERS, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
@@ -50,8 +52,7 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        check_setting("data.batch_size", batch_size)
         self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
@@ -101,7 +102,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
-        batches = self.num_samples() // (self.batch_size * world_size)
+        batches = batches_per_rank(self.num_samples(), self.batch_size, world_size)
         if batches < 1:
             raise ValueError(
                 f"an epoch of {self.num_samples()} samples gives no full batch of {self.batch_size} "
