@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from psdclip.data.datamodule import ShardDataModule
+from psdclip.data.sources import read_lines
 from psdclip.data.writer import encode_image, write_shards
 from psdclip.runlog import Progress
 
@@ -38,10 +39,6 @@ SPLITS = ("train", "val", "test")
 VAL_FRACTION = 1 / 12  # of Fashion-MNIST's training images: 5000 of 60000
 # what a wrong caption is: another class's name, another image's caption, or text that says nothing of the image
 NOISE_KINDS = ("flip", "swap", "generic")
-
-
-def read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 CLASSNAMES = read_lines(RESOURCES / "classnames.txt")
