@@ -1,14 +1,17 @@
-"""Features of one evaluation split, computed once (batched, no_grad, in the run's precision) and gathered from every rank."""
+"""Features of one evaluation split, computed once (batched, no_grad, in the run's precision) and gathered from every rank.
+
+The model's ``encode_image``/``encode_text`` return L2-normalised features (``psdclip.models.NormalizedEncoders``
+owns that); evaluation uses them as they come.
+"""
 
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-TEXT_BATCH = 256
+TEXT_BATCH = 256  # captions or prompts encoded at once
 
 
 @dataclass
@@ -58,10 +61,7 @@ def encode_texts(model, texts: list[str], runtime: Runtime) -> Tensor:
     for start in range(0, len(unique), TEXT_BATCH):
         with runtime.autocast():
             chunks.append(
-                F.normalize(
-                    model.encode_text(model.tokenizer(unique[start : start + TEXT_BATCH]).to(runtime.device)).float(),
-                    dim=-1,
-                ).cpu()
+                model.encode_text(model.tokenizer(unique[start : start + TEXT_BATCH]).to(runtime.device)).float().cpu()
             )
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, 0)
     position = {text: i for i, text in enumerate(unique)}
@@ -76,7 +76,7 @@ def split_features(model, batches, runtime: Runtime, with_captions: bool = False
     for batch_images, batch_labels, batch_captions in batches:
         runtime.check_stop()
         with runtime.autocast():
-            images.append(F.normalize(model.encode_image(batch_images.to(runtime.device)).float(), dim=-1).cpu())
+            images.append(model.encode_image(batch_images.to(runtime.device)).float().cpu())
         labels.append(batch_labels)
         if with_captions:
             for offset, texts in enumerate(batch_captions):
