@@ -26,8 +26,12 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: per-device batch size; every rank gets ``batches_per_epoch(world_size)`` full batches per epoch.
         resampled: draw shards with replacement (epochs become ``train_num_samples`` draws; needed for fractional
             upsample factors).
+        num_workers: DataLoader workers per rank; shuffle_buffer: samples in the shuffle buffer.
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
+
+    ``conf/data/shards.yaml`` holds the settings' defaults; the few kept here, for direct use in tests and
+    benchmarks, equal it (``tests/test_defaults.py``).
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
     The first skip of each kind in each shard is warned about once per run, naming the shard.
@@ -40,10 +44,11 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_shards,
+        *,
+        batch_size: int,
+        num_workers: int,
+        shuffle_buffer: int,
         train_num_samples: int | None = None,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        shuffle_buffer: int = 2000,
         resampled: bool = False,
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",

@@ -268,20 +268,23 @@ class EmbeddedDataModule(ShardDataModule):
     """Fashion-MNIST train shards with ``noise`` of the captions wrong (of ``noise_kind``), streamed like any shards.
 
     ``train_size`` trains on the first images only (a fixed set, read once per epoch): a small set over many epochs
-    is the regime where caption noise is memorised, as in multi-epoch web-scale training.
+    is the regime where caption noise is memorised, as in multi-epoch web-scale training. Settings and their
+    defaults: ``conf/data/embedded.yaml`` (``embedded_mosaic.yaml`` for the mosaics); ``kwargs`` go to
+    ``ShardDataModule``.
     """
 
     shards_class: ClassVar[type[FashionMNISTShards]] = FashionMNISTShards
 
     def __init__(
         self,
+        *,
         source_dir: str,
         cache_dir: str,
-        noise: float = 0.3,
-        noise_kind: str = "flip",
-        train_size: int | None = None,
-        shard_size: int = 5000,
-        seed: int = 0,
+        noise: float,
+        noise_kind: str,
+        train_size: int | None,
+        shard_size: int,
+        seed: int,
         **kwargs,
     ):
         self.shards = self.shards_class(
