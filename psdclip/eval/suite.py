@@ -76,8 +76,7 @@ class EvalSuite:
 
     @torch.no_grad()
     def run(self, model, runtime: Runtime | None = None) -> dict[str, float]:
-        """Evaluate ``model`` (L2-normalised ``encode_image`` and ``encode_text``, ``tokenizer``, ``eval_transform``);
-        returns flat metrics."""
+        """Evaluate ``model`` (``encode_image``, ``encode_text``, ``tokenizer``, ``eval_transform``); returns flat metrics."""
         runtime = runtime or Runtime()
         self.timings = {}
         metrics: dict[str, float] = {}

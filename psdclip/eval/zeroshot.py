@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from psdclip.eval.features import TEXT_BATCH
+from psdclip.eval.features import TEXT_BATCH, unit_rows
 from psdclip.eval.ranking import first_positive_rank, hit_rate
 
 
@@ -18,14 +18,16 @@ def classifier_weights(
     templates: list[str],
     device=None,
 ) -> Tensor:
-    """(classes, dim): per class, the mean of the template embeddings (``encode_text`` L2-normalises them),
-    re-normalised.
+    """(classes, dim): per class, the mean of the L2-normalised template embeddings, re-normalised.
 
     Templates use ``{c}`` for the class name (CLIP_benchmark's convention).
     """
     texts = [template.format(c=name) for name in classnames for template in templates]
     embeddings = torch.cat(
-        [encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float() for i in range(0, len(texts), TEXT_BATCH)]
+        [
+            unit_rows(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)))
+            for i in range(0, len(texts), TEXT_BATCH)
+        ]
     )
     # a mean of unit vectors is shorter than one: normalised again so that every class weighs the same
     return F.normalize(embeddings.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
