@@ -65,19 +65,27 @@ SETTINGS: dict[str, tuple[Callable, str]] = {
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Raise a ValueError naming the first setting of ``SETTINGS`` whose value cannot work, and what to give."""
-    for key, (valid, expected) in SETTINGS.items():
+    """Raise a ValueError naming the first setting of ``SETTINGS`` whose value cannot work, and what to give.
+
+    The entry points call it before anything is built; so must any other caller of ``psdclip.training.train``.
+    """
+    for key in SETTINGS:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        try:
-            ok = valid(plain)
-        except TypeError:  # a string or list where a number belongs
-            ok = False
-        if not ok:
-            raise ValueError(f"{key}={plain} cannot work: give {expected}")
+        check_setting(key, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
     check_micro_batches(cfg)
+
+
+def check_setting(key: str, value) -> None:
+    """Raise a ValueError if ``value`` cannot work as the setting ``key`` of ``SETTINGS``, saying what to give."""
+    valid, expected = SETTINGS[key]
+    try:
+        ok = valid(value)
+    except TypeError:  # a string or list where a number belongs
+        ok = False
+    if not ok:
+        raise ValueError(f"{key}={value} cannot work: give {expected}")
 
 
 def check_micro_batches(cfg: DictConfig) -> None:

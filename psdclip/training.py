@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from psdclip.callbacks.checkpointing import resolve_ckpt_path
 from psdclip.callbacks.summary import SUMMARY_FILE, format_table
-from psdclip.cli import check_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.runlog import announce
@@ -34,8 +33,10 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
-    check_settings(cfg)
+    """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``).
+
+    ``cfg`` must have passed ``psdclip.cli.check_settings``, as ``train.py`` does before it imports this module.
+    """
     L.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only

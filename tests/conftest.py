@@ -10,6 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from psdclip.cli import check_settings
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -67,7 +69,8 @@ def tiny_run_overrides(fashion_mnist_dir: Path, tmp_path: Path) -> list[str]:
 
 @pytest.fixture
 def train_cfg(tmp_path, fashion_mnist_dir):
-    """A factory for tiny training configs writing under tmp_path; extra overrides win."""
+    """A factory for tiny training configs writing under tmp_path, checked as train.py checks them before it calls
+    ``psdclip.training.train``; extra overrides win."""
 
     def make(*overrides: str) -> DictConfig:
         cfg = compose_config(
@@ -83,6 +86,7 @@ def train_cfg(tmp_path, fashion_mnist_dir):
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        check_settings(cfg)
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]  # as in a real run, where @hydra.main hands over the config without it

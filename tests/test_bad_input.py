@@ -234,7 +234,7 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error(tiny_checkpoint,
     with pytest.raises(
         ValueError, match=re.escape(f"evaluation set hollow ({root}) supports no task: zero-shot needs {root}")
     ):
-        EvalSuite({"hollow": WdsEvalSet(str(root))}, ["zeroshot"]).run(model)
+        EvalSuite({"hollow": WdsEvalSet(str(root))}, ["zeroshot"], batch_size=256).run(model)
 
 
 def test_a_sweep_objective_the_run_did_not_measure_raises():

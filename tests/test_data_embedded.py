@@ -4,13 +4,22 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from omegaconf import OmegaConf
 
 from psdclip.data.embedded import CLASSNAMES, EmbeddedDataModule, FashionMNISTShards
 from psdclip.models import create_clip
+from tests.conftest import compose_config, tiny_paths
 
 
 def read_samples(pattern):
     return list(wds.DataPipeline(wds.SimpleShardList(pattern), wds.tarfile_to_samples(), wds.decode("pil")))
+
+
+def embedded_data(fashion_mnist_dir, tmp_path, **settings) -> EmbeddedDataModule:
+    """The data module ``conf/data/embedded.yaml`` configures, on the test's files, with ``settings`` instead."""
+    configured = OmegaConf.to_container(compose_config(tiny_paths(fashion_mnist_dir, tmp_path)).data, resolve=True)
+    del configured["_target_"]
+    return EmbeddedDataModule(**{**configured, **settings})
 
 
 def test_train_shards_carry_the_requested_caption_noise(fashion_mnist_dir, tmp_path):
@@ -60,16 +69,16 @@ def test_noise_outside_unit_interval_is_refused(fashion_mnist_dir, tmp_path):
         FashionMNISTShards("train", str(fashion_mnist_dir), str(tmp_path), noise=-0.1)
 
 
-def test_missing_idx_files_explain_how_to_get_them(tmp_path):
+def test_missing_idx_files_explain_how_to_get_them(fashion_mnist_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*paths.fashion_mnist_dir"):
-        EmbeddedDataModule(source_dir=str(tmp_path), cache_dir=str(tmp_path))
+        embedded_data(fashion_mnist_dir, tmp_path, source_dir=str(tmp_path))
 
 
 def test_datamodule_streams_full_batches_of_images_and_tokens(fashion_mnist_dir, tmp_path):
     clip = create_clip("psdclip-vit-tiny")
-    data = EmbeddedDataModule(
-        str(fashion_mnist_dir),
-        str(tmp_path),
+    data = embedded_data(
+        fashion_mnist_dir,
+        tmp_path,
         shard_size=100,
         batch_size=32,
         num_workers=0,
@@ -176,9 +185,9 @@ def test_the_stream_marks_each_pair_with_its_corrupted_flag(fashion_mnist_dir, t
         )
     ] == [1, 0, -1, -1, -1, -1]
     clip = create_clip("psdclip-vit-tiny")
-    data = EmbeddedDataModule(
-        str(fashion_mnist_dir),
-        str(tmp_path),
+    data = embedded_data(
+        fashion_mnist_dir,
+        tmp_path,
         noise=0.4,
         noise_kind="swap",
         shard_size=100,

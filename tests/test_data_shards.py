@@ -26,7 +26,7 @@ from tests.helpers.shard_sets import (
 
 
 def datamodule(shards, **kwargs) -> ShardDataModule:
-    kwargs = {"batch_size": 8, "shuffle_buffer": 16, "seed": 3, **kwargs}
+    kwargs = {"batch_size": 8, "num_workers": 2, "shuffle_buffer": 16, "seed": 3, **kwargs}
     return ShardDataModule(shards, transform=transform, tokenizer=tokenizer, **kwargs)
 
 

@@ -181,15 +181,15 @@ def test_clear_errors_name_the_path(checkpoint, tmp_path):
     (root / "classnames.txt").write_text("only one class\n")
     model = load_checkpoint(checkpoint).eval()
     with pytest.raises(ValueError, match=f"{root / 'classnames.txt'} lists 1 classes"):
-        EvalSuite({"toy": WdsEvalSet(str(root))}, ["zeroshot"]).run(model)
+        EvalSuite({"toy": WdsEvalSet(str(root))}, ["zeroshot"], batch_size=256).run(model)
     (root / "empty" / "test").mkdir(parents=True)
     (root / "empty" / "zeroshot_classification_templates.txt").write_text("a {c}\n")
     with pytest.raises(FileNotFoundError, match=f"no test shards .* in {root / 'empty' / 'test'}"):
-        EvalSuite({"empty": WdsEvalSet(str(root / "empty"))}, ["zeroshot"]).run(model)
+        EvalSuite({"empty": WdsEvalSet(str(root / "empty"))}, ["zeroshot"], batch_size=256).run(model)
     write_tar(root / "hollow" / "test" / "0.tar", [])
     (root / "hollow" / "zeroshot_classification_templates.txt").write_text("a {c}\n")
     with pytest.raises(ValueError, match=f"the test split of {root / 'hollow'} is empty"):
-        EvalSuite({"hollow": WdsEvalSet(str(root / "hollow"))}, ["zeroshot"]).run(model)
+        EvalSuite({"hollow": WdsEvalSet(str(root / "hollow"))}, ["zeroshot"], batch_size=256).run(model)
     folder = make_image_folder(tmp_path / "folder")
     (folder / "names.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=f"{folder / 'names.txt'} lists 2 class names but {folder} has 3"):

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import open_dict
 
 from psdclip.callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from psdclip.cli import check_settings
 from psdclip.tools.export import export
 from psdclip.training import train
 from tests.conftest import make_fashion_mnist
@@ -65,6 +66,7 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
                 *overrides,
             ],
         )
+    check_settings(cfg)  # as train.py does before it calls train
     if crash:
         with open_dict(cfg):
             cfg.callbacks.crash = {"_target_": f"{__name__}.CrashAfter", "step": crash}

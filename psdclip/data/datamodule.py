@@ -7,7 +7,9 @@ from functools import cached_property
 import lightning as L
 import torch
 
+from psdclip.cli import check_setting
 from psdclip.data.pipeline import EpochLoader, ShardStream
+from psdclip.data.plan import batches_per_rank
 from psdclip.data.samples import COUNTERS, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
@@ -24,9 +26,13 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: per-device batch size; every rank gets ``batches_per_epoch(world_size)`` full batches per epoch.
         resampled: draw shards with replacement (epochs become ``train_num_samples`` draws; needed for fractional
             upsample factors).
+        num_workers: DataLoader workers per rank; shuffle_buffer: samples in the shuffle buffer.
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
         threshold_pairs: share of pairs given another pair's caption on purpose (``pipeline.PairIds``).
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
+
+    ``conf/data/shards.yaml`` holds the settings' defaults; the few kept here, for direct use in tests and
+    benchmarks, equal it (``tests/test_defaults.py``).
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
     The first skip of each kind in each shard is warned about once per run, naming the shard.
@@ -39,10 +45,11 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_shards,
+        *,
+        batch_size: int,
+        num_workers: int,
+        shuffle_buffer: int,
         train_num_samples: int | None = None,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        shuffle_buffer: int = 2000,
         resampled: bool = False,
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
@@ -52,8 +59,7 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        check_setting("data.batch_size", batch_size)
         self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
@@ -104,7 +110,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
-        batches = self.num_samples() // (self.batch_size * world_size)
+        batches = batches_per_rank(self.num_samples(), self.batch_size, world_size)
         if batches < 1:
             raise ValueError(
                 f"an epoch of {self.num_samples()} samples gives no full batch of {self.batch_size} "

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from psdclip.data.datamodule import ShardDataModule
+from psdclip.data.sources import read_lines
 from psdclip.data.writer import encode_image, write_shards
 from psdclip.runlog import Progress
 
@@ -38,10 +39,6 @@ SPLITS = ("train", "val", "test")
 VAL_FRACTION = 1 / 12  # of Fashion-MNIST's training images: 5000 of 60000
 # what a wrong caption is: another class's name, another image's caption, or text that says nothing of the image
 NOISE_KINDS = ("flip", "swap", "generic")
-
-
-def read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 CLASSNAMES = read_lines(RESOURCES / "classnames.txt")
@@ -271,20 +268,23 @@ class EmbeddedDataModule(ShardDataModule):
     """Fashion-MNIST train shards with ``noise`` of the captions wrong (of ``noise_kind``), streamed like any shards.
 
     ``train_size`` trains on the first images only (a fixed set, read once per epoch): a small set over many epochs
-    is the regime where caption noise is memorised, as in multi-epoch web-scale training.
+    is the regime where caption noise is memorised, as in multi-epoch web-scale training. Settings and their
+    defaults: ``conf/data/embedded.yaml`` (``embedded_mosaic.yaml`` for the mosaics); ``kwargs`` go to
+    ``ShardDataModule``.
     """
 
     shards_class: ClassVar[type[FashionMNISTShards]] = FashionMNISTShards
 
     def __init__(
         self,
+        *,
         source_dir: str,
         cache_dir: str,
-        noise: float = 0.3,
-        noise_kind: str = "flip",
-        train_size: int | None = None,
-        shard_size: int = 5000,
-        seed: int = 0,
+        noise: float,
+        noise_kind: str,
+        train_size: int | None,
+        shard_size: int,
+        seed: int,
         **kwargs,
     ):
         self.shards = self.shards_class(

@@ -21,8 +21,8 @@ from psdclip.data.embedded import (
     TEST_CAPTIONS_PER_IMAGE,
     EmbeddedDataModule,
     FashionMNISTShards,
-    read_lines,
 )
+from psdclip.data.sources import read_lines
 from psdclip.data.writer import encode_image
 
 MOSAIC_TEMPLATES = read_lines(RESOURCES / "mosaic_caption_templates.txt")

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 INFO_FILE = "_info.json"
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """The non-blank lines of a text file (class names, caption or prompt templates), stripped; a missing or empty
+    file stops with its path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"text file is empty: {path}")
+    return lines
+
+
 @dataclass(frozen=True)
 class ShardSource:
     """One dataset in the training stream; ``upsample`` multiplies how often its samples are drawn in a mixture."""

@@ -18,23 +18,13 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from psdclip.data.samples import shard_samples
-from psdclip.data.sources import expand_shards
+from psdclip.data.sources import expand_shards, read_lines
 
 log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "resources"
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 Batch = tuple[torch.Tensor, torch.Tensor, list[list[str]]]
-
-
-def read_lines(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"evaluation file is empty: {path}")
-    return lines
 
 
 def resolve_file(name: str | Path | None, default: Path) -> Path:

@@ -174,6 +174,7 @@ def linear_probe(
     num_classes: int,
     val_fraction: float = 0.2,
     seed: int = 0,
+    max_iter: int = 1000,
     device=None,
     **sweep,
 ) -> dict[str, float]:
@@ -188,6 +189,7 @@ def linear_probe(
         (train_features[fit], train_labels[fit]),
         (train_features[val], train_labels[val]),
         num_classes,
+        max_iter=max_iter,
         fits=fits,
         **sweep,
     )
@@ -198,8 +200,6 @@ def linear_probe(
         len(train_labels),
     )
     # from the search's fit at C: the same problem on 1/(1 - val_fraction) times the data
-    classifier = fit_logistic_regression(
-        train_features, train_labels, num_classes, C, sweep.get("max_iter", 1000), init=fits[C]
-    )
+    classifier = fit_logistic_regression(train_features, train_labels, num_classes, C, max_iter, init=fits[C])
     metrics = classification_metrics(classifier.logits(test_features.to(device)).float().cpu(), test_labels.cpu())
     return {**metrics, "C": C}

@@ -28,17 +28,22 @@ class EvalSuite:
         datasets: name → evaluation set; metrics are named ``eval/<name>/<task>_<metric>``.
         tasks: any of zeroshot, linear_probe, retrieval; each runs on the datasets that support it.
         batch_size, num_workers: image batches per rank.
-        linear_probe: keyword arguments of ``psdclip.eval.linear_probe.linear_probe`` (val_fraction, seed, sweep).
+        linear_probe: keyword arguments of ``psdclip.eval.linear_probe.linear_probe`` (val_fraction, seed, sweep);
+            None: its own defaults.
         retrieval_ks: the k of Recall@k.
         robustness: ``{reference, shifted, slope, intercept}``: effective robustness of zero-shot top-1 on the
             ``shifted`` datasets relative to ``reference`` (computed when all of them were evaluated).
+
+    ``conf/evaluation/default.yaml`` holds the settings' defaults; the ones kept here, and the linear probe's, equal
+    it (``tests/test_defaults.py``).
     """
 
     def __init__(
         self,
         datasets: dict[str, EvalSet],
         tasks: list[str],
-        batch_size: int = 256,
+        *,
+        batch_size: int,
         num_workers: int = 0,
         linear_probe: dict | None = None,
         retrieval_ks: list[int] = (1, 5, 10),

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from psdclip.eval.features import TEXT_BATCH, unit_rows
 from psdclip.eval.ranking import first_positive_rank, hit_rate
-
-TEXT_BATCH = 256
 
 
 @torch.no_grad()
@@ -26,10 +25,11 @@ def classifier_weights(
     texts = [template.format(c=name) for name in classnames for template in templates]
     embeddings = torch.cat(
         [
-            F.normalize(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)).float(), dim=-1)
+            unit_rows(encode_text(tokenizer(texts[i : i + TEXT_BATCH]).to(device)))
             for i in range(0, len(texts), TEXT_BATCH)
         ]
     )
+    # a mean of unit vectors is shorter than one: normalised again so that every class weighs the same
     return F.normalize(embeddings.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 
