@@ -259,9 +259,9 @@ def test_threshold_pairs_are_reproducible_from_the_seed_and_never_reach_evaluati
     clip = create_clip("psdclip-vit-tiny")
 
     def data(seed, share):
-        module = EmbeddedDataModule(
-            str(fashion_mnist_dir),
-            str(tmp_path),
+        module = embedded_data(
+            fashion_mnist_dir,
+            tmp_path,
             noise=0.0,
             shard_size=100,
             batch_size=50,
