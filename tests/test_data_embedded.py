@@ -1,5 +1,7 @@
 import json
 
+import pandas as pd
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 
 from psdclip.data.embedded import CLASSNAMES, EmbeddedDataModule, FashionMNISTShards
+from psdclip.data.samples import COUNTERS
 from psdclip.models import create_clip
 from tests.conftest import compose_config, tiny_paths
 
@@ -299,3 +302,35 @@ def test_threshold_pairs_are_reproducible_from_the_seed_and_never_reach_evaluati
         for sample in shard_samples(shard.url, 0, shard.size, lambda *_: None)
     ]
     assert [tuple(row) for row in clip.tokenizer(captions[:5]).tolist()] == [clean[pair][0] for pair in range(5)]
+
+
+def test_excluded_keys_are_left_out_counted_and_the_epoch_shrinks(fashion_mnist_dir, tmp_path):
+    clip = create_clip("psdclip-vit-tiny")
+    settings = dict(noise=0.0, shard_size=100, batch_size=20, num_workers=0, shuffle_buffer=10)
+    data = embedded_data(
+        fashion_mnist_dir, tmp_path, **settings, transform=clip.train_transform, tokenizer=clip.tokenizer
+    )
+    data.prepare_data()
+    shard = data.resolved_shards[0].url
+    # an audit's table: only its flagged rows are left out
+    table = pd.DataFrame({"shard": [shard] * 30, "key": [f"{i:06d}" for i in range(30)], "flagged": [True, False] * 15})
+    table.to_csv(tmp_path / "memory.csv", index=False)
+    keys = {key for key in table[table["flagged"]]["key"]}
+    excluding = embedded_data(
+        fashion_mnist_dir,
+        tmp_path,
+        **settings,
+        exclude_keys=str(tmp_path / "memory.csv"),
+        transform=clip.train_transform,
+        tokenizer=clip.tokenizer,
+    )
+    assert excluding.num_samples() == data.num_samples() - 15
+    seen, excluded = set(), 0
+    for batch in excluding.stream():
+        excluded += int(batch[2].counts[COUNTERS.index("excluded")])
+        seen |= set(batch[4].tolist())
+    # the first shard's keys are the pairs' places in it: its dense identities
+    assert excluded == 15 and not {int(key) for key in keys} & seen and len(seen) == excluding.num_samples() // 20 * 20
+    with pytest.raises(ValueError, match="needs 'shard' and 'key' columns"):
+        pd.DataFrame({"id": [1]}).to_csv(tmp_path / "bad.csv", index=False)
+        embedded_data(fashion_mnist_dir, tmp_path, **settings, exclude_keys=str(tmp_path / "bad.csv"))

@@ -29,6 +29,9 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: DataLoader workers per rank; shuffle_buffer: samples in the shuffle buffer.
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
         threshold_pairs: share of pairs given another pair's caption on purpose (``pipeline.PairIds``).
+        exclude_keys: a CSV with ``shard`` and ``key`` columns (the audit's ``memory.csv`` or ``scores.csv``; where
+            it has a ``flagged`` column, its flagged rows) whose pairs training leaves out; the epoch shrinks by as
+            many pairs, and each is counted in ``data/skipped/excluded``.
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
 
     ``conf/data/shards.yaml`` holds the settings' defaults; the few kept here, for direct use in tests and
@@ -54,6 +57,7 @@ class ShardDataModule(L.LightningDataModule):
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         threshold_pairs: float = 0.0,
+        exclude_keys: str | None = None,
         seed: int = 0,
         transform: Callable | None = None,
         tokenizer: Callable | None = None,
@@ -64,6 +68,7 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
         self.threshold_pairs = threshold_pairs
+        self.excluded = read_excluded(exclude_keys) if exclude_keys else frozenset()
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
@@ -104,9 +109,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def num_samples(self) -> int:
         if self.train_num_samples:
-            return self.train_num_samples
+            return self.train_num_samples - len(self.excluded)
         upsample = [source.upsample for source in self.sources]
-        return round(sum(shard.size * upsample[shard.source] for shard in self.resolved_shards))
+        return round(sum(shard.size * upsample[shard.source] for shard in self.resolved_shards)) - len(self.excluded)
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         """Full batches each rank yields per epoch (the last ``num_samples mod (world_size·batch_size)`` wait)."""
@@ -142,6 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             image_key=self.image_key,
             text_key=self.text_key,
             threshold_pairs=self.threshold_pairs,
+            excluded=self.excluded,
         )
 
     def pair_space(self) -> int | None:
@@ -172,3 +178,20 @@ class ShardDataModule(L.LightningDataModule):
             self.skip_warnings.warn(skips.notes)
             return images, tokens, marks, ids, planted
         return batch
+
+
+def read_excluded(path: str) -> frozenset[tuple[str, str]]:
+    """The (shard, key) pairs of ``path`` (a CSV with ``shard`` and ``key`` columns; only the flagged rows where it
+    has a ``flagged`` column)."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"key": str, "shard": str})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.exclude_keys={path}: no such file (an audit's memory.csv or scores.csv)") from None
+    if not {"shard", "key"} <= set(table.columns):
+        raise ValueError(f"data.exclude_keys={path} needs 'shard' and 'key' columns, found {list(table.columns)}")
+    if "flagged" in table.columns:
+        table = table[table["flagged"].astype(bool)]
+    log.info("leaving out the %d pairs listed in %s", len(table), path)
+    return frozenset(zip(table["shard"], table["key"], strict=True))

@@ -143,11 +143,13 @@ class ShardStream(IterableDataset):
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         threshold_pairs: float = 0.0,
+        excluded: frozenset[tuple[str, str]] = frozenset(),
     ):
         self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
         # sizes a tar is checked against (those spread evenly from num_samples are guesses)
         self.listed_sizes = [shard.size if shard.listed else None for shard in shards]
         self.pair_ids = PairIds(self.urls, self.listed_sizes, seed, threshold_pairs)
+        self.excluded = excluded  # (shard, key) pairs left out of training, e.g. an audit's flagged pairs
         upsample = upsample or [1.0] * (max(shard.source for shard in shards) + 1)
         self.weights = [shard.size * upsample[shard.source] for shard in shards]
         self.repeats = [round(upsample[shard.source]) for shard in shards]
@@ -234,6 +236,9 @@ class ShardStream(IterableDataset):
         report = ignore if refill else counter.add
         in_a_row, previous_caption = 0, None
         for sample in samples:
+            if (sample["__url__"], sample["__key__"]) in self.excluded:
+                report("excluded", sample["__url__"])
+                continue
             try:
                 image = image_of(sample, self.image_keys)
                 caption = caption_of(sample, self.text_key)

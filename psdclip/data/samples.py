@@ -34,7 +34,8 @@ SKIP_KINDS = (
     "caption_not_utf8",
     "transform_failed",
 )
-COUNTERS = SKIP_KINDS + ("refilled",)  # refilled: samples read in place of skipped ones
+# refilled: samples read in place of skipped ones; excluded: left out on purpose (data.exclude_keys)
+COUNTERS = SKIP_KINDS + ("refilled", "excluded")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -56,7 +57,7 @@ class SkipCounter:
 
     def add(self, kind: str, url: str, detail: str = "", count: int = 1) -> None:
         self.counts[COUNTERS.index(kind)] += count
-        if kind != "refilled" and (url, kind) not in self.noted:
+        if kind not in ("refilled", "excluded") and (url, kind) not in self.noted:
             self.noted.add((url, kind))
             self.notes.append((kind, url, detail))
 
