@@ -1,8 +1,7 @@
 import json
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import webdataset as wds
@@ -306,7 +305,7 @@ def test_threshold_pairs_are_reproducible_from_the_seed_and_never_reach_evaluati
 
 def test_excluded_keys_are_left_out_counted_and_the_epoch_shrinks(fashion_mnist_dir, tmp_path):
     clip = create_clip("psdclip-vit-tiny")
-    settings = dict(noise=0.0, shard_size=100, batch_size=20, num_workers=0, shuffle_buffer=10)
+    settings = {"noise": 0.0, "shard_size": 100, "batch_size": 20, "num_workers": 0, "shuffle_buffer": 10}
     data = embedded_data(
         fashion_mnist_dir, tmp_path, **settings, transform=clip.train_transform, tokenizer=clip.tokenizer
     )

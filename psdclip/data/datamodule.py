@@ -188,7 +188,9 @@ def read_excluded(path: str) -> frozenset[tuple[str, str]]:
     try:
         table = pd.read_csv(path, dtype={"key": str, "shard": str})
     except FileNotFoundError:
-        raise FileNotFoundError(f"data.exclude_keys={path}: no such file (an audit's memory.csv or scores.csv)") from None
+        raise FileNotFoundError(
+            f"data.exclude_keys={path}: no such file (an audit's memory.csv or scores.csv)"
+        ) from None
     if not {"shard", "key"} <= set(table.columns):
         raise ValueError(f"data.exclude_keys={path} needs 'shard' and 'key' columns, found {list(table.columns)}")
     if "flagged" in table.columns:
