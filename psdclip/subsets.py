@@ -262,11 +262,17 @@ class MemorySubset(SubsetRule):
         return Subset(chosen, torch.where(known, chosen.float(), fallback.weight * chosen))
 
     def epoch_statistics(self) -> dict[str, Tensor]:
-        """``noise_estimate``: the share of the data's own pairs (threshold pairs left out) seen at least
-        ``min_sightings`` times whose remembered gap is past the threshold; ``memory_collisions``: pairs that
-        landed on a slot another pair held (hashed identities only)."""
+        """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those
+        seen at least ``min_sightings`` times). ``flagged_share`` of them are past the threshold; with a calibrated
+        threshold, a wrong pair is past it with probability 1 − ``quantile`` (the threshold pairs stand for the
+        wrong ones), so the estimate is ``flagged_share`` / (1 − quantile), the mixture-proportion estimate AUM's
+        threshold samples allow (clean pairs past the threshold make it an upper estimate). ``memory_collisions``:
+        pairs that landed on a slot another pair held (hashed identities only)."""
+        flagged = self.memory.share_above(self.threshold, self.min_sightings)
+        estimate = flagged if self.quantile is None else (flagged / (1 - self.quantile)).clamp(max=1.0)
         return {
-            "noise_estimate": self.memory.share_above(self.threshold, self.min_sightings),
+            "noise_estimate": estimate,
+            "flagged_share": flagged,
             "noise_threshold": self.threshold.clone(),
             "memory_collisions": self.memory.collisions.float(),
         }

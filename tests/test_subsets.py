@@ -247,8 +247,9 @@ def test_the_fallback_takes_pairs_with_too_few_sightings_once_open():
 
 def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise():
     """20 pairs a batch: pairs 0–9 clean (gap 0), 10–15 wrong (gap 3), 16–19 planted (gaps 2, 2.5, 3, 3.5). The
-    threshold is the planted pairs' 20th percentile (2, by rank), so D = the wrong and the planted pairs above it,
-    and the estimate is the share of the data's own pairs past it: 6 of 16."""
+    threshold is the planted pairs' 20th percentile (2, by rank), so D = the wrong and the planted pairs above it;
+    6 of the data's own 16 pairs are past it, and as a wrong pair is past it with probability 0.8 (as 3 of the
+    4 planted ones), the estimate of the share of wrong pairs is 6/16 / 0.8."""
     rule = memory_rule(quantile=0.2, min_sightings=2)
     gaps = [0.0] * 10 + [3.0] * 6 + [2.0, 2.5, 3.0, 3.5]
     planted = [False] * 16 + [True] * 4
@@ -257,7 +258,8 @@ def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise
     assert rule.threshold.item() == pytest.approx(2.0)
     assert torch.nonzero(chosen).flatten().tolist() == list(range(10, 16)) + [17, 18, 19]
     statistics = rule.epoch_statistics()
-    assert statistics["noise_estimate"].item() == pytest.approx(6 / 16)
+    assert statistics["flagged_share"].item() == pytest.approx(6 / 16)
+    assert statistics["noise_estimate"].item() == pytest.approx(6 / 16 / 0.8)
     assert statistics["memory_collisions"] == 0
 
 
