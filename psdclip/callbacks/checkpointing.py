@@ -19,6 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from psdclip.callbacks.stopping import slurm_job_id, slurm_requeued_run_folders
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -212,9 +214,10 @@ def check_complete(path: Path, use: str = "use it instead") -> None:
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
     """``last`` → the newest complete checkpoint (``last.ckpt`` or a step file) under ``<log_dir>/<task_name>/``
-    (single runs and sweeps); a path is checked to be a complete checkpoint. Stale partial files are removed."""
+    (single runs and sweeps); a path is checked to be a complete checkpoint. Stale partial files are removed.
+    Without a path, a requeued SLURM job resumes from the newest complete checkpoint of its earlier starts."""
     if ckpt_path is None:
-        return None
+        return requeued_checkpoint(log_dir, task_name)
     if ckpt_path != "last":
         path = Path(ckpt_path)
         if not path.is_file():
@@ -232,4 +235,20 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> st
             f"ckpt_path=last: no {LAST} or other complete checkpoint under {root}; give the checkpoint's path instead"
         )
     log.info("ckpt_path=last resolves to %s", newest)
+    return str(newest)
+
+
+def requeued_checkpoint(log_dir: str, task_name: str) -> str | None:
+    """The newest complete checkpoint that earlier starts of this SLURM job wrote, where this start is a requeued one
+    (by ``scontrol requeue`` on the warning signal, or by SLURM after a node failure); else None."""
+    folders = slurm_requeued_run_folders(log_dir, task_name)
+    if not folders:
+        return None
+    newest = newest_complete(path for folder in folders for path in Path(folder, "checkpoints").glob("*.ckpt"))
+    if newest is None:
+        log.warning(
+            "requeued SLURM job %s: its earlier starts left no complete checkpoint; starting anew", slurm_job_id()
+        )
+        return None
+    log.info("requeued SLURM job %s resumes from %s", slurm_job_id(), newest)
     return str(newest)
