@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import signal
 import time
 import traceback
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 SIGTERM_EXIT = 128 + signal.SIGTERM
 # where torch's collectives live: a RuntimeError raised there is the process group failing (a peer lost or timed out)
 COLLECTIVE_CODE = (Path(torch.distributed.__file__).parent, Path(torch.nn.parallel.__file__).parent)
+# what gloo and NCCL say when a peer is gone or the group's timeout passes (some gloo messages do not name gloo)
+PROCESS_GROUP_FAILURE = re.compile(
+    r"\b(gloo|nccl)\b|pair closure|connection (reset|closed)|timed out waiting", re.IGNORECASE
+)
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -107,14 +112,19 @@ def stopped_by_signal(trainer: L.Trainer, stop: SIGTERMException) -> NoReturn:
 
 
 def failed_collective(error: RuntimeError) -> str | None:
-    """The torch collective ``error`` was raised in (gloo and NCCL raise RuntimeErrors when a peer is gone or the
-    process group's timeout passes), or None where it came from elsewhere."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if any(Path(frame.filename).is_relative_to(folder) for folder in COLLECTIVE_CODE)
+    """Where the process group failed, if ``error`` is that: the innermost torch collective on the stack, or DDP's
+    gradient all-reduce where the failure struck in the backward pass; None for any other error. (gloo and NCCL raise
+    plain RuntimeErrors when a peer is gone or the group's timeout passes, torch its DistError kinds.)"""
+    frames = traceback.extract_tb(error.__traceback__)
+    collectives = [
+        frame.name for frame in frames if any(Path(frame.filename).is_relative_to(code) for code in COLLECTIVE_CODE)
     ]
-    return frames[-1].name if frames else None
+    if collectives:
+        return collectives[-1]
+    if not (isinstance(error, torch.distributed.DistError) or PROCESS_GROUP_FAILURE.search(str(error))):
+        return None
+    backward = any(frame.name == "backward" for frame in frames)
+    return "DDP's gradient all-reduce (backward pass)" if backward else "a collective"
 
 
 def lost_a_rank(trainer: L.Trainer, collective: str, error: RuntimeError) -> NoReturn:

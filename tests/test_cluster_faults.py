@@ -1,0 +1,117 @@
+"""What a cluster does to a long job (issue 23): a rank dies or hangs, the whole job is cancelled, SLURM pre-empts and
+requeues it, the disk fills up during a checkpoint write, remote shards fail now and then, W&B is unreachable.
+
+Ranks are started separately, as srun and torchrun start them; signals and kills go to real subprocesses, each in
+its own session, and every one is killed with its children when a test ends, passed or not. Only loopback addresses.
+"""
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.processes import checkout_env, child, separate_ranks
+from tests.test_faults import run_folder, step_of, train_command
+
+
+def long_run(fashion_mnist_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    """A run of 200 steps that logs every step, to be stopped part-way; all ranks share one run folder."""
+    return train_command(
+        fashion_mnist_dir,
+        tmp_path / "cache",
+        tmp_path / "logs",
+        "trainer.max_steps=200",
+        "callbacks.model_checkpoint.every_n_train_steps=100",
+        "trainer.enable_progress_bar=true",
+        "callbacks.progress.style=log",
+        "callbacks.progress.every_n_steps=1",
+        *overrides,
+    )
+
+
+def ddp_run(fashion_mnist_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    return long_run(fashion_mnist_dir, tmp_path, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}", *overrides)
+
+
+# ---- 1. a rank dies -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_lost_rank_ends_every_survivor_with_one_line(fashion_mnist_dir, tmp_path, fault):
+    """killed: kill -9, its connections reset; frozen: SIGSTOP, as a dead node whose connections stay open, which only
+    the process group's timeout (``trainer.strategy.timeout``) ends."""
+    command = ddp_run(fashion_mnist_dir, tmp_path, "trainer.strategy.timeout.seconds=15")
+    with separate_ranks(command) as (rank0, rank1):
+        rank0.wait_for(r"step 3/200", timeout=300)
+        os.killpg(rank1.process.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        lost = time.monotonic()
+        rc = rank0.finish(timeout=90)
+        waited = time.monotonic() - lost
+    assert rc == 1, rank0.output[-3000:]
+    line = re.search(
+        r"rank 0: the collective (.+) failed after step \d+, likely a lost rank.*ckpt_path=last", rank0.output
+    )
+    assert line, rank0.output[-3000:]
+    assert "Traceback" not in rank0.output
+    assert waited < (15 + 30 if fault == "frozen" else 30)
+
+
+# ---- 2. the whole job is cancelled or pre-empted --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["every rank", "rank 1 only"])
+def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint(fashion_mnist_dir, tmp_path, signalled):
+    """``every rank``: as scancel and a pre-emption do, each rank at its own moment; ``rank 1 only``: the others learn
+    it at the next step's end."""
+    with separate_ranks(ddp_run(fashion_mnist_dir, tmp_path)) as ranks:
+        ranks[0].wait_for(r"step 3/200", timeout=300)
+        for rank in ranks if signalled == "every rank" else ranks[1:]:
+            os.killpg(rank.process.pid, signal.SIGTERM)
+        rcs = [rank.finish(timeout=60) for rank in ranks]
+    assert rcs == [143, 143], ranks[0].output[-2000:] + ranks[1].output[-2000:]
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+): saved", ranks[0].output)[1])
+    assert int(re.search(r"rank 1 stopped by SIGTERM at step (\d+)", ranks[1].output)[1]) == stopped
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == ["last.ckpt"] and step_of(
+        checkpoints / "last.ckpt"
+    ) == stopped
+
+
+# ---- 3. SLURM pre-emption with requeue ------------------------------------------------------------------------------
+def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A single-task SLURM batch job's environment, with a stand-in ``scontrol`` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls"}\n')
+    scontrol.chmod(0o755)
+    return checkout_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="psdclip",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        **extra,
+    )
+
+
+@pytest.mark.slow
+def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(fashion_mnist_dir, tmp_path):
+    command = long_run(fashion_mnist_dir, tmp_path)
+    with child(command, slurm_env(tmp_path)) as run:
+        run.wait_for(r"step 4/200", timeout=300)
+        run.process.send_signal(signal.SIGUSR1)  # sbatch --signal=SIGUSR1@90
+        rc = run.finish(timeout=60)
+    assert rc == 128 + signal.SIGUSR1, run.output[-3000:]
+    stopped = int(re.search(r"stopped by SIGUSR1 at step (\d+): saved \S+; requeued SLURM job 4242", run.output)[1])
+    last = run_folder(tmp_path / "logs") / "checkpoints" / "last.ckpt"
+    assert step_of(last) == stopped and (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n"
+    assert not list((tmp_path / "logs").glob("**/hpc_ckpt_*")), "Lightning's own checkpoint was written"
+
+    # SLURM starts the same command again, as the same job; no ckpt_path is given
+    with child(command, slurm_env(tmp_path, SLURM_RESTART_COUNT="1")) as requeued:
+        requeued.wait_for(rf"requeued SLURM job 4242 resumes from {re.escape(str(last))}", timeout=300)
+        requeued.wait_for(rf"step {stopped + 1}/200", timeout=120)
