@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from psdclip.callbacks.checkpointing import resolve_ckpt_path
+from psdclip.callbacks.checkpointing import DiskFullError, resolve_ckpt_path
 from psdclip.callbacks.stopping import StopRequested, record_slurm_run, requeue_slurm_job, signalled_stop
 from psdclip.callbacks.summary import SUMMARY_FILE, format_table
 from psdclip.cli import check_settings
@@ -82,6 +82,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if (collective := failed_collective(error)) is None:
             raise
         lost_a_rank(trainer, collective, error)
+    except DiskFullError as error:
+        # stop rather than train on without a checkpoint to come back to; the message says where and what next
+        log.error("stopped at step %d: %s", trainer.global_step, error.strerror)
+        raise SystemExit(1) from None
     if (stop := signalled_stop(trainer)) is not None:  # during the end-of-training hooks, which no loop checks
         stopped_by_signal(trainer, stop)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -5,15 +5,18 @@ Ranks are started separately, as srun and torchrun start them; signals and kills
 its own session, and every one is killed with its children when a test ends, passed or not. Only loopback addresses.
 """
 
+import json
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import checkout_env, child, separate_ranks
+from tests.conftest import tiny_run_overrides
+from tests.helpers.processes import checkout_env, child, free_port, run_in_session, separate_ranks
 from tests.test_faults import run_folder, step_of, train_command
 
 
@@ -115,3 +118,29 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     with child(command, slurm_env(tmp_path, SLURM_RESTART_COUNT="1")) as requeued:
         requeued.wait_for(rf"requeued SLURM job 4242 resumes from {re.escape(str(last))}", timeout=300)
         requeued.wait_for(rf"step {stopped + 1}/200", timeout=120)
+
+
+# ---- 6. W&B unreachable ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_unreachable_wandb_server_logs_offline_and_trains(fashion_mnist_dir, tmp_path):
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every connection is refused
+    env = checkout_env(
+        WANDB_MODE="online",
+        WANDB_BASE_URL=refused,
+        WANDB_API_KEY="0" * 40,  # logged in, so that wandb tries the server rather than asking for a key
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
+    )
+    command = [sys.executable, "train.py", *tiny_run_overrides(fashion_mnist_dir, tmp_path), "logger=wandb"]
+    started = time.monotonic()
+    done = run_in_session([*command, "trainer.max_steps=3"], timeout=240, env=env)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:]
+    line = re.search(
+        r"W&B server (\S+) unreachable: .*logging offline instead: upload later with `wandb sync (\S+)`", done.stdout
+    )
+    assert line and line[1] == refused, done.stdout[-3000:]
+    assert list(Path(line[2]).parent.glob("offline-run-*")), "no offline run to sync"
+    assert json.loads((run_folder(tmp_path / "logs") / "summary.json").read_text())["steps"] == 3
+    assert took < 180, f"took {took:.0f} s"

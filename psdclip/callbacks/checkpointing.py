@@ -1,10 +1,12 @@
 """Resumable checkpoints: atomic writes, a checkpoint at the last step and on SIGTERM, RNG and data-stream position,
 `ckpt_path=last` (the newest complete checkpoint)."""
 
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 import socket
 import zipfile
 from collections.abc import Iterable
@@ -32,6 +34,23 @@ class IncompleteCheckpointError(ValueError):
     """A checkpoint file that torch cannot read back (truncated or corrupt)."""
 
 
+class DiskFullError(OSError):
+    """A checkpoint write that ran out of space (or quota); its message says where and what is left."""
+
+
+def disk_full(path: Path, exn: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = f"the previous {path.name} is intact" if path.is_file() else f"no earlier {path.name} exists"
+    return DiskFullError(
+        exn.errno,
+        f"disk full: writing the checkpoint {path} failed ({exn.strerror}; {free} in {path.parent}); {previous} and "
+        "no partial file is left. Free space there (or move paths.log_dir), then resume with ckpt_path=last",
+    )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place.
 
@@ -48,6 +67,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, path)
+        except OSError as exn:
+            partial.unlink(missing_ok=True)  # before the message measures the free space
+            if exn.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(path, exn) from exn
+            raise
         finally:
             partial.unlink(missing_ok=True)
 
