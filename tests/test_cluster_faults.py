@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -118,6 +119,61 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     with child(command, slurm_env(tmp_path, SLURM_RESTART_COUNT="1")) as requeued:
         requeued.wait_for(rf"requeued SLURM job 4242 resumes from {re.escape(str(last))}", timeout=300)
         requeued.wait_for(rf"step {stopped + 1}/200", timeout=120)
+
+
+# ---- 4. the disk fills up during a checkpoint write ----------------------------------------------------------------
+DISK_FILLS_UP = textwrap.dedent("""
+    import builtins, errno, runpy, sys
+
+    real_open, checkpoint_writes = builtins.open, []
+
+    class FillsUp:
+        \"\"\"A file on a disk that fills up half-way through the first write.\"\"\"
+
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(bytes(data)[: len(data) // 2])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if str(file).endswith(".partial") and "w" in mode:
+            checkpoint_writes.append(file)
+            if len(checkpoint_writes) > 1:  # the first checkpoint fits
+                return FillsUp(handle)
+        return handle
+
+    builtins.open = open
+    sys.argv[0] = "train.py"
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_write_keeps_the_last_one_and_stops_saying_where(fashion_mnist_dir, tmp_path):
+    command = long_run(fashion_mnist_dir, tmp_path, "callbacks.model_checkpoint.every_n_train_steps=2")
+    done = run_in_session([sys.executable, "-c", DISK_FILLS_UP, *command[2:]], timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:]
+    checkpoints = run_folder(tmp_path / "logs") / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    message = re.search(
+        r"stopped at step 4: disk full: writing the checkpoint (\S+) failed \(No space left", done.stdout
+    )
+    assert message and message[1] == str(last), done.stdout[-3000:]
+    assert "the previous last.ckpt is intact" in done.stdout and "Traceback" not in done.stdout
+    assert step_of(last) == 2 and [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
 
 
 # ---- 6. W&B unreachable ---------------------------------------------------------------------------------------------

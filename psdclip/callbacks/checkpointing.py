@@ -2,6 +2,7 @@
 `ckpt_path=last` (the newest complete checkpoint)."""
 
 import errno
+import io
 import logging
 import os
 import random
@@ -54,18 +55,21 @@ def disk_full(path: Path, exn: OSError) -> DiskFullError:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place.
 
-    A crash or a full disk mid-write leaves the previous ``last.ckpt`` untouched (rename is atomic on POSIX).
+    A crash or a full disk mid-write leaves the previous ``last.ckpt`` untouched (rename is atomic on POSIX). The
+    temporary file lies on the checkpoint's own disk (Lightning's writer stages it in the system's temporary folder,
+    often a small or RAM-backed /tmp on compute nodes, and copies it over), and a full disk stops the run with a
+    ``DiskFullError`` that says where.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):
+        if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)  # object stores: uploads are atomic
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # named after its writer, so a later start-up can tell a dead write's leftover from a live one
         partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.partial")
         try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
+            self.write(checkpoint, partial)
             os.replace(partial, path)
         except OSError as exn:
             partial.unlink(missing_ok=True)  # before the message measures the free space
@@ -74,6 +78,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         finally:
             partial.unlink(missing_ok=True)
+
+    def write(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """``checkpoint`` into the file ``path``, on disk when this returns."""
+        serialised = io.BytesIO()
+        torch.save(checkpoint, serialised)  # in memory first, as Lightning does: a full disk is then a plain OSError
+        with open(path, "wb") as file:
+            file.write(serialised.getbuffer())
+            file.flush()
+            os.fsync(file.fileno())  # before the rename makes it last.ckpt: a power cut cannot leave an empty one
 
 
 class ResumableCheckpoint(ModelCheckpoint):
