@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from psdclip.data import ShardDataModule
+from psdclip.data.samples import COUNTERS
 from tests.conftest import tiny_run_overrides
 from tests.helpers.processes import checkout_env, child, free_port, run_in_session, separate_ranks
+from tests.helpers.shard_sets import run_rank, tokenizer, transform, write_set
 from tests.test_faults import run_folder, step_of, train_command
 
 
@@ -174,6 +177,48 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_last_one_and_stops_saying
     assert message and message[1] == str(last), done.stdout[-3000:]
     assert "the previous last.ckpt is intact" in done.stdout and "Traceback" not in done.stdout
     assert step_of(last) == 2 and [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
+
+
+# ---- 5. remote shards that fail now and then -----------------------------------------------------------------------
+FLAKY_PIPE = """#!/bin/sh
+# $1: a shard; $2: once = its first try anywhere fails (mkdir is atomic), always = every try fails, else none
+case "$2" in
+  always) exit 1 ;;
+  once) mkdir "$1.failed" 2>/dev/null && exit 1 ;;
+esac
+exec cat "$1"
+"""
+
+
+def test_flaky_remote_shards_are_retried_and_a_dead_one_is_skipped_counted_and_named_once(tmp_path, caplog):
+    ids = write_set(tmp_path / "shards", [8] * 8)  # 64 samples: 2 ranks × 4 batches of 8
+    script = tmp_path / "flaky.sh"
+    script.write_text(FLAKY_PIPE)
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    modes = ["once", "fine", "once", "fine", "once", "fine", "once", "always"]
+    urls = [f"pipe:sh {script} {shard} {mode}" for shard, mode in zip(shards, modes)]
+    dm = ShardDataModule(
+        urls,
+        train_num_samples=64,
+        batch_size=8,
+        shuffle_buffer=16,
+        shard_retries=2,
+        retry_wait_s=0.05,
+        transform=transform,
+        tokenizer=tokenizer,
+    )
+    ranks, counts = [], 0
+    for rank in range(2):  # each rank's stream through 2 DataLoader worker processes
+        batches, carried = run_rank(dm.stream(rank, 2))
+        ranks.append(batches)
+        counts = counts + carried
+    assert all((shard.parent / f"{shard.name}.failed").is_dir() for shard, mode in zip(shards, modes) if mode == "once")
+    assert dict(zip(COUNTERS, counts.tolist())) == {**dict.fromkeys(COUNTERS, 0), "shard_unreadable": 1, "refilled": 8}
+    assert caplog.text.count(f"skipping shard unreadable in shard {urls[-1]}") == 1 and "tried 3 times" in caplog.text
+    assert [len(batches) for batches in ranks] == [4, 4] and all(len(batch) == 8 for b in ranks for batch in b)
+    dead = set(ids[-8:])
+    seen = {i for batches in ranks for batch in batches for i in batch}
+    assert seen == set(ids) - dead  # every sample of the flaky shards arrived; the dead shard's place was refilled
 
 
 # ---- 6. W&B unreachable ---------------------------------------------------------------------------------------------

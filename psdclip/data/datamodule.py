@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from psdclip.data.pipeline import EpochLoader, ShardStream
-from psdclip.data.samples import COUNTERS, SkipWarnings
+from psdclip.data.samples import COUNTERS, Retries, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ class ShardDataModule(L.LightningDataModule):
         resampled: draw shards with replacement (epochs become ``train_num_samples`` draws; needed for fractional
             upsample factors).
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
+        shard_retries, retry_wait_s: a remote shard that fails to open is tried again ``shard_retries`` times, after
+            ``retry_wait_s``, 2 × ``retry_wait_s``, … seconds; then it is skipped for the epoch, counted
+            (``shard_unreadable``) and named once, and other samples fill its place.
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
 
     Skipped samples are counted by kind in ``skipped`` (this rank, since the start); ``DataQualityMonitor`` logs them.
@@ -46,6 +49,8 @@ class ShardDataModule(L.LightningDataModule):
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         seed: int = 0,
+        shard_retries: int = 3,
+        retry_wait_s: float = 1.0,
         transform: Callable | None = None,
         tokenizer: Callable | None = None,
     ):
@@ -55,6 +60,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
+        self.retries = Retries(shard_retries, retry_wait_s)
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
@@ -132,6 +138,7 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled,
             image_key=self.image_key,
             text_key=self.text_key,
+            retries=self.retries,
         )
 
     def train_dataloader(self) -> EpochLoader:
