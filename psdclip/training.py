@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # the shell's status for "ended by SIGTERM": schedulers and sweeps see a failed job, not a finished one
 SIGTERM_EXIT = 128 + signal.SIGTERM
-# where torch's collectives live: a RuntimeError raised there is the process group failing (a peer lost or timed out)
+# where torch's collectives live (their innermost frame names the collective that failed)
 COLLECTIVE_CODE = (Path(torch.distributed.__file__).parent, Path(torch.nn.parallel.__file__).parent)
 # what gloo and NCCL say when a peer is gone or the group's timeout passes (some gloo messages do not name gloo)
 PROCESS_GROUP_FAILURE = re.compile(
@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
-    if trainer.is_global_zero:  # after the look-up: a requeued start of this SLURM job finds this folder's checkpoints
+    if trainer.is_global_zero:  # noted after the look-up: a later, requeued start of this SLURM job looks here
         record_slurm_run(cfg.paths.log_dir, cfg.task_name, trainer.default_root_dir)
     started = time.perf_counter()
     try:
@@ -116,17 +116,17 @@ def stopped_by_signal(trainer: L.Trainer, stop: SIGTERMException) -> NoReturn:
 
 
 def failed_collective(error: RuntimeError) -> str | None:
-    """Where the process group failed, if ``error`` is that: the innermost torch collective on the stack, or DDP's
-    gradient all-reduce where the failure struck in the backward pass; None for any other error. (gloo and NCCL raise
-    plain RuntimeErrors when a peer is gone or the group's timeout passes, torch its DistError kinds.)"""
+    """Where the process group failed, if ``error`` says it did (gloo and NCCL raise plain RuntimeErrors when a peer is
+    gone or the group's timeout passes, torch its DistError kinds): the innermost torch collective on the stack, or
+    DDP's gradient all-reduce where it struck in the backward pass. None for any other error, whose stack is shown."""
+    if not (isinstance(error, torch.distributed.DistError) or PROCESS_GROUP_FAILURE.search(str(error))):
+        return None
     frames = traceback.extract_tb(error.__traceback__)
     collectives = [
         frame.name for frame in frames if any(Path(frame.filename).is_relative_to(code) for code in COLLECTIVE_CODE)
     ]
     if collectives:
-        return collectives[-1]
-    if not (isinstance(error, torch.distributed.DistError) or PROCESS_GROUP_FAILURE.search(str(error))):
-        return None
+        return f"the collective {collectives[-1]}"
     backward = any(frame.name == "backward" for frame in frames)
     return "DDP's gradient all-reduce (backward pass)" if backward else "a collective"
 
@@ -135,7 +135,7 @@ def lost_a_rank(trainer: L.Trainer, collective: str, error: RuntimeError) -> NoR
     """One line instead of the collective's stack, then exit 1: every surviving rank ends the same way."""
     reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     log.error(
-        "rank %d: the collective %s failed after step %d, likely a lost rank (a process or node died, or hung past "
+        "rank %d: %s failed after step %d, likely a lost rank (a process or node died, or hung past "
         "trainer.strategy.timeout): %s; resume with the same overrides plus ckpt_path=last",
         trainer.global_rank,
         collective,
