@@ -71,13 +71,11 @@ class WandbLogger(LightningWandbLogger):
         **kwargs,
     ):
         sweep_group, job_name = hydra_job()
-        online = not offline and os.environ.get("WANDB_MODE", "online") == "online"
+        online = not offline and os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled")
         # only rank 0 logs to W&B (Lightning's logger is rank-zero only)
         if online and rank_zero_only.rank == 0 and (problem := wandb_server_problem(connect_timeout)) is not None:
-            offline, kwargs["log_model"] = (
-                True,
-                False,
-            )  # checkpoints cannot be uploaded offline (Lightning refuses both)
+            offline = True
+            kwargs["log_model"] = False  # checkpoints cannot be uploaded offline (Lightning refuses both together)
             offline_runs = Path(save_dir, "wandb", "offline-run-*")
             log.warning(
                 "W&B server %s; logging offline instead: upload later with `wandb sync %s`", problem, offline_runs
