@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from psdclip.callbacks.checkpointing import resolve_ckpt_path
+from psdclip.callbacks.stopping import record_slurm_run
 from psdclip.data import ShardDataModule
 from psdclip.data.samples import COUNTERS
 from tests.conftest import tiny_run_overrides
 from tests.helpers.processes import checkout_env, child, free_port, run_in_session, separate_ranks
 from tests.helpers.shard_sets import run_rank, tokenizer, transform, write_set
-from tests.test_faults import run_folder, step_of, train_command
+from tests.test_faults import run_folder, save, step_of, train_command
 
 
 def long_run(fashion_mnist_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
@@ -120,6 +122,22 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     with child(command, slurm_env(tmp_path, SLURM_RESTART_COUNT="1")) as requeued:
         requeued.wait_for(rf"requeued SLURM job 4242 resumes from {re.escape(str(last))}", timeout=300)
         requeued.wait_for(rf"step {stopped + 1}/200", timeout=120)
+
+
+def test_a_requeued_job_resumes_from_the_newest_complete_checkpoint_of_its_earlier_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first, second = (tmp_path / "train" / "runs" / name for name in ("first", "second"))
+    for folder in (first, second):
+        record_slurm_run(str(tmp_path), "train", str(folder))
+    good = save(first / "checkpoints" / "last.ckpt", 10, 1000)
+    torn = save(second / "checkpoints" / "last.ckpt", 20, 2000)
+    torn.write_bytes(torn.read_bytes()[:-300])  # the second start was killed while writing
+    other_run = save(tmp_path / "train" / "runs" / "another_job" / "checkpoints" / "last.ckpt", 30, 3000)
+    assert resolve_ckpt_path(None, str(tmp_path), "train") is None  # a first start resumes nothing
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resolve_ckpt_path(None, str(tmp_path), "train") == str(good) != str(other_run)
 
 
 # ---- 4. the disk fills up during a checkpoint write ----------------------------------------------------------------
