@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -60,13 +61,14 @@ class StopOnSignal(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # installed before Lightning registers its handlers (after setup), which then leaves this signal alone and
         # writes no hpc checkpoint of its own
-        if self.requeue_signal is not None and SLURMEnvironment.detect():
+        if self.requeue_signal is not None and SLURMEnvironment.detect() and in_main_thread():
             signal.signal(self.requeue_signal, self.note)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has just registered its SIGTERM handler, the one that broadcasts; it restores the previous handler
         # when fit ends
-        signal.signal(signal.SIGTERM, self.note)
+        if in_main_thread():
+            signal.signal(signal.SIGTERM, self.note)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if (stop := self.agreed_stop(trainer)) is not None:
@@ -92,6 +94,11 @@ class StopOnSignal(L.Callback):
         if requeue:  # the job is being pre-empted: requeue it, even when SIGTERM follows the warning
             return StopRequested(self.requeue_signal, requeue=True)
         return StopRequested(signal.SIGTERM, requeue=False) if term else None
+
+
+def in_main_thread() -> bool:
+    """Signal handlers can only be set there (a trainer run from another thread keeps Lightning's)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def signalled_stop(trainer: L.Trainer) -> SIGTERMException | None:
