@@ -94,7 +94,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     - ``last.ckpt`` at the last step, written when that step ends, before any end-of-epoch or end-of-training hook
       (evaluation, media) runs: an error there never costs the weights;
-    - ``last.ckpt`` at the current step when the job receives SIGTERM (Lightning stops at the next step boundary);
+    - ``last.ckpt`` at the current step when the job receives SIGTERM or SLURM's warning signal (``StopOnSignal``
+      stops every rank after the same step);
     - the RNG states of torch, CUDA, numpy and ``random`` (rank 0's, restored on every rank);
     - stale partial files of writes killed midway are removed at start-up.
     """
@@ -117,8 +118,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        # Lightning raises SIGTERMException at a step boundary, on every rank together, so the save's barrier is
-        # safe; other errors may strike one rank only, where a collective save would hang
+        # StopOnSignal raises StopRequested (a SIGTERMException) after the same step on every rank, so the save's
+        # barrier is safe; other errors may strike one rank only, where a collective save would hang
         if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
 
