@@ -62,7 +62,7 @@ def test_a_lost_rank_ends_every_survivor_with_one_line(fashion_mnist_dir, tmp_pa
     line = re.search(r"rank 0: (.+) failed after step \d+, likely a lost rank.*ckpt_path=last", rank0.output)
     assert line, rank0.output[-3000:]
     assert "Traceback" not in rank0.output
-    assert waited < (15 + 30 if fault == "frozen" else 30)
+    assert 14 <= waited < 45 if fault == "frozen" else waited < 30  # frozen: the 15 s timeout, not a reset, ends it
 
 
 # ---- 2. the whole job is cancelled or pre-empted --------------------------------------------------------------------
