@@ -2,17 +2,21 @@
 
 import json
 import logging
+import re
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from psdclip.callbacks.checkpointing import resolve_ckpt_path
+from psdclip.callbacks.checkpointing import DiskFullError, resolve_ckpt_path
+from psdclip.callbacks.stopping import StopRequested, record_slurm_run, requeue_slurm_job, signalled_stop
 from psdclip.callbacks.summary import SUMMARY_FILE, format_table
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
@@ -22,6 +26,12 @@ log = logging.getLogger(__name__)
 
 # the shell's status for "ended by SIGTERM": schedulers and sweeps see a failed job, not a finished one
 SIGTERM_EXIT = 128 + signal.SIGTERM
+# where torch's collectives live (their innermost frame names the collective that failed)
+COLLECTIVE_CODE = (Path(torch.distributed.__file__).parent, Path(torch.nn.parallel.__file__).parent)
+# what gloo and NCCL say when a peer is gone or the group's timeout passes (some gloo messages do not name gloo)
+PROCESS_GROUP_FAILURE = re.compile(
+    r"\b(gloo|nccl)\b|pair closure|connection (reset|closed)|timed out waiting", re.IGNORECASE
+)
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -70,31 +80,78 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if trainer.is_global_zero:  # noted after the look-up: a later, requeued start of this SLURM job looks here
+        record_slurm_run(cfg.paths.log_dir, cfg.task_name, trainer.default_root_dir)
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning's: a SystemExit that would exit 0
-        stopped_by_sigterm(trainer)
-    if trainer.received_sigterm:  # during the end-of-training hooks, which no loop checks
-        stopped_by_sigterm(trainer)
+    except SIGTERMException as stop:  # Lightning's or StopRequested: a SystemExit that would exit 0
+        stopped_by_signal(trainer, stop)
+    except RuntimeError as error:
+        if (collective := failed_collective(error)) is None:
+            raise
+        lost_a_rank(trainer, collective, error)
+    except DiskFullError as error:
+        # stop rather than train on without a checkpoint to come back to; the message says where and what next
+        log.error("stopped at step %d: %s", trainer.global_step, error.strerror)
+        raise SystemExit(1) from None
+    if (stop := signalled_stop(trainer)) is not None:  # during the end-of-training hooks, which no loop checks
+        stopped_by_signal(trainer, stop)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         write_summary(cfg, trainer, metrics, time.perf_counter() - started)
     return metrics
 
 
-def stopped_by_sigterm(trainer: L.Trainer) -> NoReturn:
-    """Say where the run stopped and how to resume it, then exit with ``SIGTERM_EXIT``."""
+def stopped_by_signal(trainer: L.Trainer, stop: SIGTERMException) -> NoReturn:
+    """Say where the run stopped and how it resumes (requeueing a SLURM job on its warning signal), then exit with
+    128 + the signal's number (``SIGTERM_EXIT`` for SIGTERM)."""
+    signum = stop.signum if isinstance(stop, StopRequested) else signal.SIGTERM
     checkpoint = trainer.checkpoint_callback
     path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
-    if trainer.is_global_zero:
-        resume = (
-            f"saved {path}; resume with the same overrides plus ckpt_path={path} (or ckpt_path=last)"
-            if path
-            else "no checkpoint was saved"
+    if not trainer.is_global_zero:
+        log.info(
+            "rank %d stopped by %s at step %d", trainer.global_rank, signal.Signals(signum).name, trainer.global_step
         )
-        log.error("stopped by SIGTERM at step %d: %s", trainer.global_step, resume)
-    raise SystemExit(SIGTERM_EXIT)
+    elif not path:
+        log.error("stopped by %s at step %d: no checkpoint was saved", signal.Signals(signum).name, trainer.global_step)
+    else:
+        resume = f"resume with the same overrides plus ckpt_path={path} (or ckpt_path=last)"
+        requeued = requeue_slurm_job() if isinstance(stop, StopRequested) and stop.requeue else resume
+        log.error(
+            "stopped by %s at step %d: saved %s; %s", signal.Signals(signum).name, trainer.global_step, path, requeued
+        )
+    raise SystemExit(128 + signum)
+
+
+def failed_collective(error: RuntimeError) -> str | None:
+    """Where the process group failed, if ``error`` says it did (gloo and NCCL raise plain RuntimeErrors when a peer is
+    gone or the group's timeout passes, torch its DistError kinds): the innermost torch collective on the stack, or
+    DDP's gradient all-reduce where it struck in the backward pass. None for any other error, whose stack is shown."""
+    if not (isinstance(error, torch.distributed.DistError) or PROCESS_GROUP_FAILURE.search(str(error))):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    collectives = [
+        frame.name for frame in frames if any(Path(frame.filename).is_relative_to(code) for code in COLLECTIVE_CODE)
+    ]
+    if collectives:
+        return f"the collective {collectives[-1]}"
+    backward = any(frame.name == "backward" for frame in frames)
+    return "DDP's gradient all-reduce (backward pass)" if backward else "a collective"
+
+
+def lost_a_rank(trainer: L.Trainer, collective: str, error: RuntimeError) -> NoReturn:
+    """One line instead of the collective's stack, then exit 1: every surviving rank ends the same way."""
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    log.error(
+        "rank %d: %s failed after step %d, likely a lost rank (a process or node died, or hung past "
+        "trainer.strategy.timeout): %s; resume with the same overrides plus ckpt_path=last",
+        trainer.global_rank,
+        collective,
+        trainer.global_step,
+        reason,
+    )
+    raise SystemExit(1)
 
 
 def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:

@@ -155,18 +155,14 @@ def test_sigterm_during_final_evaluation_stops_it(two_shard_eval_data, tmp_path)
 # ---- 3. resume from the newest complete checkpoint --------------------------------------------------------------------
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
     from psdclip.callbacks.checkpointing import AtomicCheckpointIO
 
-    class HangingWrite(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
+    class KilledMidWrite(AtomicCheckpointIO):
+        def write(self, checkpoint, path):
             with open(path, "wb") as f:
                 f.write(b"PK" + bytes(4096))  # the first bytes of a zip archive reach the disk...
             print("writing", flush=True)
             time.sleep(600)  # ...and the job is killed before the rest
-
-    class KilledMidWrite(AtomicCheckpointIO, HangingWrite):
-        pass
 
     KilledMidWrite().save_checkpoint({"global_step": 30}, sys.argv[1])
 """)

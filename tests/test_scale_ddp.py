@@ -1,7 +1,6 @@
 """A DDP step on 2 CPU processes (gloo) equals one process on the concatenated batch: loss, gradients, weights, EMA."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from tests.helpers.one_step import global_batch as batch_of
 from tests.helpers.one_step import make_module, one_step
+from tests.helpers.processes import free_port
 
 WORLD, PER_RANK = 2, 8
 RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
@@ -87,12 +87,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             strategy=DDPStrategy(process_group_backend="gloo"),
         )
         torch.save(result, os.path.join(out_dir, f"case{index}-rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,10 @@ def test_partly_written_checkpoint_never_replaces_last(tmp_path, monkeypatch, io
             f.write(data)
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch_io, "_atomic_save", crash_mid_write)
+    if isinstance(io, AtomicCheckpointIO):
+        monkeypatch.setattr(io, "write", crash_mid_write)  # its own writer, into the temporary file beside last.ckpt
+    else:
+        monkeypatch.setattr(torch_io, "_atomic_save", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, last)
     assert (last.read_bytes() == good) is survives  # the plain writer shows the test can fail

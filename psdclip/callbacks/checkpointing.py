@@ -1,10 +1,13 @@
 """Resumable checkpoints: atomic writes, a checkpoint at the last step and on SIGTERM, RNG and data-stream position,
 `ckpt_path=last` (the newest complete checkpoint)."""
 
+import errno
+import io
 import logging
 import os
 import random
 import re
+import shutil
 import socket
 import zipfile
 from collections.abc import Iterable
@@ -19,6 +22,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from psdclip.callbacks.stopping import slurm_job_id, slurm_requeued_run_folders
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -30,24 +35,58 @@ class IncompleteCheckpointError(ValueError):
     """A checkpoint file that torch cannot read back (truncated or corrupt)."""
 
 
+class DiskFullError(OSError):
+    """A checkpoint write that ran out of space (or quota); its message says where and what is left."""
+
+
+def disk_full(path: Path, exn: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = f"the previous {path.name} is intact" if path.is_file() else f"no earlier {path.name} exists"
+    return DiskFullError(
+        exn.errno,
+        f"disk full: writing the checkpoint {path} failed ({exn.strerror}; {free} in {path.parent}); {previous} and "
+        "no partial file is left. Free space there (or move paths.log_dir), then resume with ckpt_path=last",
+    )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place.
 
-    A crash or a full disk mid-write leaves the previous ``last.ckpt`` untouched (rename is atomic on POSIX).
+    A crash or a full disk mid-write leaves the previous ``last.ckpt`` untouched (rename is atomic on POSIX). The
+    temporary file lies on the checkpoint's own disk (Lightning's writer stages it in the system's temporary folder,
+    often a small or RAM-backed /tmp on compute nodes, and copies it over), and a full disk stops the run with a
+    ``DiskFullError`` that says where.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):
+        if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)  # object stores: uploads are atomic
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # named after its writer, so a later start-up can tell a dead write's leftover from a live one
         partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.partial")
         try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
+            self.write(checkpoint, partial)
             os.replace(partial, path)
+        except OSError as exn:
+            partial.unlink(missing_ok=True)  # before the message measures the free space
+            if exn.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(path, exn) from exn
+            raise
         finally:
             partial.unlink(missing_ok=True)
+
+    def write(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """``checkpoint`` into the file ``path``, on disk when this returns."""
+        serialised = io.BytesIO()
+        torch.save(checkpoint, serialised)  # in memory first, as Lightning does: a full disk is then a plain OSError
+        with open(path, "wb") as file:
+            file.write(serialised.getbuffer())
+            file.flush()
+            os.fsync(file.fileno())  # before the rename makes it last.ckpt: a power cut cannot leave an empty one
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -55,7 +94,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     - ``last.ckpt`` at the last step, written when that step ends, before any end-of-epoch or end-of-training hook
       (evaluation, media) runs: an error there never costs the weights;
-    - ``last.ckpt`` at the current step when the job receives SIGTERM (Lightning stops at the next step boundary);
+    - ``last.ckpt`` at the current step when the job receives SIGTERM or SLURM's warning signal (``StopOnSignal``
+      stops every rank after the same step);
     - the RNG states of torch, CUDA, numpy and ``random`` (rank 0's, restored on every rank);
     - stale partial files of writes killed midway are removed at start-up.
     """
@@ -78,8 +118,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        # Lightning raises SIGTERMException at a step boundary, on every rank together, so the save's barrier is
-        # safe; other errors may strike one rank only, where a collective save would hang
+        # StopOnSignal raises StopRequested (a SIGTERMException) after the same step on every rank, so the save's
+        # barrier is safe; other errors may strike one rank only, where a collective save would hang
         if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
 
@@ -212,9 +252,10 @@ def check_complete(path: Path, use: str = "use it instead") -> None:
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
     """``last`` → the newest complete checkpoint (``last.ckpt`` or a step file) under ``<log_dir>/<task_name>/``
-    (single runs and sweeps); a path is checked to be a complete checkpoint. Stale partial files are removed."""
+    (single runs and sweeps); a path is checked to be a complete checkpoint. Stale partial files are removed.
+    Without a path, a requeued SLURM job resumes from the newest complete checkpoint of its earlier starts."""
     if ckpt_path is None:
-        return None
+        return requeued_checkpoint(log_dir, task_name)
     if ckpt_path != "last":
         path = Path(ckpt_path)
         if not path.is_file():
@@ -232,4 +273,20 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> st
             f"ckpt_path=last: no {LAST} or other complete checkpoint under {root}; give the checkpoint's path instead"
         )
     log.info("ckpt_path=last resolves to %s", newest)
+    return str(newest)
+
+
+def requeued_checkpoint(log_dir: str, task_name: str) -> str | None:
+    """The newest complete checkpoint that earlier starts of this SLURM job wrote, where this start is a requeued one
+    (by ``scontrol requeue`` on the warning signal, or by SLURM after a node failure); else None."""
+    folders = slurm_requeued_run_folders(log_dir, task_name)
+    if not folders:
+        return None
+    newest = newest_complete(path for folder in folders for path in Path(folder, "checkpoints").glob("*.ckpt"))
+    if newest is None:
+        log.warning(
+            "requeued SLURM job %s: its earlier starts left no complete checkpoint; starting anew", slurm_job_id()
+        )
+        return None
+    log.info("requeued SLURM job %s resumes from %s", slurm_job_id(), newest)
     return str(newest)

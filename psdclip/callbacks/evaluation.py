@@ -4,8 +4,8 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from psdclip.callbacks.stopping import signalled_stop
 from psdclip.eval.features import Runtime
 from psdclip.eval.suite import EvalSuite, format_results, write_results
 
@@ -62,5 +62,5 @@ class EvaluationCallback(L.Callback):
 
 def stop_on_sigterm(trainer: L.Trainer) -> None:
     """Lightning checks for SIGTERM only between training steps; evaluation at the end of training runs after them."""
-    if trainer.received_sigterm:
-        raise SIGTERMException
+    if (stop := signalled_stop(trainer)) is not None:
+        raise stop

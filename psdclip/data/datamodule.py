@@ -10,7 +10,7 @@ import torch
 from psdclip.cli import check_setting
 from psdclip.data.pipeline import EpochLoader, ShardStream
 from psdclip.data.plan import batches_per_rank
-from psdclip.data.samples import COUNTERS, SkipWarnings
+from psdclip.data.samples import COUNTERS, Retries, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class ShardDataModule(L.LightningDataModule):
         exclude_keys: a CSV with ``shard`` and ``key`` columns (the audit's ``memory.csv`` or ``scores.csv``; where
             it has a ``flagged`` column, its flagged rows) whose pairs training leaves out; the epoch shrinks by as
             many pairs, and each is counted in ``data/skipped/excluded``.
+        shard_retries, retry_wait_s: a remote shard that fails to open is tried again ``shard_retries`` times, after
+            ``retry_wait_s``, 2 × ``retry_wait_s``, … seconds; then it is skipped for the epoch, counted
+            (``shard_unreadable``) and named once, and other samples fill its place.
         transform, tokenizer: set by ``train.py`` from the model (open_clip's train preprocessing and tokenizer).
 
     ``conf/data/shards.yaml`` holds the settings' defaults; the few kept here, for direct use in tests and
@@ -59,6 +62,8 @@ class ShardDataModule(L.LightningDataModule):
         threshold_pairs: float = 0.0,
         exclude_keys: str | None = None,
         seed: int = 0,
+        shard_retries: int = 3,
+        retry_wait_s: float = 1.0,
         transform: Callable | None = None,
         tokenizer: Callable | None = None,
     ):
@@ -69,6 +74,7 @@ class ShardDataModule(L.LightningDataModule):
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
         self.threshold_pairs = threshold_pairs
         self.excluded = read_excluded(exclude_keys) if exclude_keys else frozenset()
+        self.retries = Retries(shard_retries, retry_wait_s)
         self.transform, self.tokenizer = transform, tokenizer
         self.skipped = torch.zeros(len(COUNTERS), dtype=torch.int64)
         self.skip_warnings = SkipWarnings()
@@ -148,6 +154,7 @@ class ShardDataModule(L.LightningDataModule):
             text_key=self.text_key,
             threshold_pairs=self.threshold_pairs,
             excluded=self.excluded,
+            retries=self.retries,
         )
 
     def pair_space(self) -> int | None:

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from psdclip.data import plan
 from psdclip.data.samples import (
+    NO_RETRIES,
     BadSample,
+    Retries,
     SkipCounter,
     Skips,
     caption_of,
@@ -144,7 +146,9 @@ class ShardStream(IterableDataset):
         text_key: str = "txt",
         threshold_pairs: float = 0.0,
         excluded: frozenset[tuple[str, str]] = frozenset(),
+        retries: Retries = NO_RETRIES,
     ):
+        self.retries = retries  # of remote shards that fail to open (samples.Retries)
         self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
         # sizes a tar is checked against (those spread evenly from num_samples are guesses)
         self.listed_sizes = [shard.size if shard.listed else None for shard in shards]
@@ -213,8 +217,10 @@ class ShardStream(IterableDataset):
             used, self.available, (start, quota), self.world_size * workers, self.rank * workers + worker
         )
         spare_pieces = [piece for begin, length in ranges for piece in plan.segments(order, self.sizes, begin, length)]
-        own = read_segments(self.urls, self.listed_sizes, plan.segments(order, self.sizes, start, quota), counter.add)
-        spare = read_segments(self.urls, self.listed_sizes, spare_pieces, ignore)
+        own = read_segments(
+            self.urls, self.listed_sizes, plan.segments(order, self.sizes, start, quota), counter.add, self.retries
+        )
+        spare = read_segments(self.urls, self.listed_sizes, spare_pieces, ignore, self.retries)
         return own, spare
 
     def _resampled(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict]:
@@ -224,7 +230,7 @@ class ShardStream(IterableDataset):
             shard = rng.choices(range(len(self.urls)), weights=self.weights)[0]
             read = 0
             for read, sample in enumerate(
-                shard_samples(self.urls[shard], 0, 1 << 62, counter.add, self.listed_sizes[shard]), 1
+                shard_samples(self.urls[shard], 0, 1 << 62, counter.add, self.listed_sizes[shard], self.retries), 1
             ):
                 yield sample
             empty_in_a_row = 0 if read else empty_in_a_row + 1

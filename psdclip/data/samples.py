@@ -2,9 +2,11 @@
 
 import importlib
 import io
+import itertools
 import json
 import logging
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -15,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from psdclip.data.plan import Segment
+from psdclip.data.sources import is_local
 
 log = logging.getLogger(__name__)
 # the module, which webdataset's package namespace shadows with its gopen function
@@ -93,6 +96,21 @@ class SkipWarnings:
                 )
 
 
+class Retries(NamedTuple):
+    """How a remote shard (``pipe:``, ``http(s)://``, ``s3://``…) that fails before its first sample is tried again:
+    ``attempts`` more times, waiting ``wait_s``, then twice, four times… as long before each (a flaky network or
+    object store). Local files are not retried: what fails to open there fails again."""
+
+    attempts: int = 0
+    wait_s: float = 1.0
+
+    def wait(self, attempt: int) -> float:
+        return self.wait_s * 2**attempt
+
+
+NO_RETRIES = Retries()
+
+
 def ignore(kind: str, url: str, detail: str = "", count: int = 1) -> None:
     """Report function for reads whose skips another worker counts already."""
 
@@ -107,55 +125,68 @@ def open_shard(url: str):
     return gopen.gopen(url)
 
 
-def shard_samples(url: str, skip: int, take: int, report: Callable, listed: int | None = None) -> Iterator[dict]:
-    """Samples ``skip`` … ``skip + take`` of a shard (files grouped by key as webdataset does); a shard that cannot
-    be opened or breaks off is reported once, by the reader whose stretch the failure falls in. Where ``listed`` (the
-    size file's count) is given, a tar that ends cleanly before it reports each absent sample of this stretch, and one
-    that holds more reports that once, by the reader whose stretch ends at ``listed``."""
-    index, sample, end = 0, None, skip + take  # index: of the sample being read
-    try:
-        stream = open_shard(url)
+def shard_samples(
+    url: str, skip: int, take: int, report: Callable, listed: int | None = None, retries: Retries = NO_RETRIES
+) -> Iterator[dict]:
+    """Samples ``skip`` … ``skip + take`` of a shard (files grouped by key as webdataset does); a remote shard that
+    fails before its first sample is tried again as ``retries`` says; one that cannot be opened or breaks off is
+    reported once, by the reader whose stretch the failure falls in. Where ``listed`` (the size file's count) is given,
+    a tar that ends cleanly before it reports each absent sample of this stretch, and one that holds more reports that
+    once, by the reader whose stretch ends at ``listed``."""
+    end = skip + take
+    for attempt in itertools.count():
+        index, sample = 0, None  # index: of the sample being read
         try:
-            for member in wds.tariterators.tar_file_iterator(stream):
-                key, extension = wds.tariterators.base_plus_ext(member["fname"])
-                if key is None:
-                    continue
-                if sample is not None and (key != sample["__key__"] or extension.lower() in sample):
-                    finished, sample, index = sample, None, index + 1
-                    if index == listed == end:  # reported before the last yield: the consumer may stop after it
-                        report(
-                            "shard_overfull",
-                            url,
-                            f"the tar holds more than the {listed} samples its size file "
-                            "lists; the rest are never read: correct the size file",
-                        )
-                    if index - 1 >= skip:
-                        yield finished
-                    if index >= end:
-                        return
-                if sample is None:  # __index__: the sample's place in the shard, part of its identity
-                    sample = {"__key__": key, "__url__": url, "__index__": index}
-                sample[extension.lower()] = member["data"]
-        finally:
-            stream.close()
-    except (OSError, tarfile.TarError, ValueError) as exn:  # curl/pipe failures, bad tar headers, truncation
-        if skip <= index < end:
-            kind = "shard_unreadable" if index == 0 and sample is None else "shard_truncated"
-            kind = "shard_missing" if isinstance(exn, FileNotFoundError) else kind
-            report(kind, url, f"{exn!r} after {index} samples")
-    else:
-        held = index + (sample is not None)
-        absent = min(end, listed if listed is not None else held) - max(skip, held)
-        if absent > 0:
-            report("sample_absent", url, f"the tar holds {held} samples, its size file lists {listed}", absent)
+            stream = open_shard(url)
+            try:
+                for member in wds.tariterators.tar_file_iterator(stream):
+                    key, extension = wds.tariterators.base_plus_ext(member["fname"])
+                    if key is None:
+                        continue
+                    if sample is not None and (key != sample["__key__"] or extension.lower() in sample):
+                        finished, sample, index = sample, None, index + 1
+                        if index == listed == end:  # reported before the last yield: the consumer may stop after it
+                            report(
+                                "shard_overfull",
+                                url,
+                                f"the tar holds more than the {listed} samples its size file "
+                                "lists; the rest are never read: correct the size file",
+                            )
+                        if index - 1 >= skip:
+                            yield finished
+                        if index >= end:
+                            return
+                    if sample is None:  # __index__: the sample's place in the shard, part of its identity
+                        sample = {"__key__": key, "__url__": url, "__index__": index}
+                    sample[extension.lower()] = member["data"]
+            finally:
+                stream.close()
+        except (OSError, tarfile.TarError, ValueError) as exn:  # curl/pipe failures, bad tar headers, truncation
+            nothing_read = index == 0 and sample is None
+            if nothing_read and attempt < retries.attempts and not is_local(url):
+                time.sleep(retries.wait(attempt))
+                continue
+            if skip <= index < end:
+                kind = "shard_unreadable" if nothing_read else "shard_truncated"
+                kind = "shard_missing" if isinstance(exn, FileNotFoundError) else kind
+                tries = f" (tried {attempt + 1} times)" if attempt else ""
+                report(kind, url, f"{exn!r} after {index} samples{tries}")
+        else:
+            held = index + (sample is not None)
+            absent = min(end, listed if listed is not None else held) - max(skip, held)
+            if absent > 0:
+                report("sample_absent", url, f"the tar holds {held} samples, its size file lists {listed}", absent)
+        break
     # the last sample, or the one being read when the shard broke off (decoding tells whether it is whole)
     if sample is not None and skip <= index < end:
         yield sample
 
 
-def read_segments(urls: list[str], sizes: list[int], pieces: list[Segment], report: Callable) -> Iterator[dict]:
+def read_segments(
+    urls: list[str], sizes: list[int], pieces: list[Segment], report: Callable, retries: Retries = NO_RETRIES
+) -> Iterator[dict]:
     for piece in pieces:
-        yield from shard_samples(urls[piece.shard], piece.skip, piece.take, report, sizes[piece.shard])
+        yield from shard_samples(urls[piece.shard], piece.skip, piece.take, report, sizes[piece.shard], retries)
 
 
 def caption_of(sample: dict, text_key: str) -> str:

@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -48,14 +49,21 @@ def run_in_session(
         kill_session(process)
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Child:
     """A subprocess in its own session whose merged output is read line by line in the background."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
         self.process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env=checkout_env(),
+            env=env or checkout_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -101,9 +109,35 @@ class Child:
 
 
 @contextlib.contextmanager
-def child(command: list[str]):
-    started = Child(command)
+def child(command: list[str], env: dict[str, str] | None = None):
+    started = Child(command, env)
     try:
         yield started
     finally:
         kill_session(started.process)
+
+
+@contextlib.contextmanager
+def separate_ranks(command: list[str], world_size: int = 2, **extra_env: str):
+    """``command`` started once per rank on this host, as srun and torchrun start ranks (each told its RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; no launcher between them); every one is killed, with its
+    children, when the block ends."""
+    port = str(free_port())
+    ranks = []
+    try:
+        for rank in range(world_size):
+            env = checkout_env(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                WORLD_SIZE=str(world_size),
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                NODE_RANK="0",
+                OMP_NUM_THREADS="1",
+                **extra_env,
+            )
+            ranks.append(Child(command, env))
+        yield ranks
+    finally:
+        for started in ranks:
+            kill_session(started.process)
