@@ -166,6 +166,8 @@ def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "noise": cfg.data.get("noise"),
         "noise_kind": cfg.data.get("noise_kind"),
         "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
+        # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
+        "noise_estimate": metrics.get("train/noise_estimate"),
         "wall_time_s": round(wall_time, 1),
         "steps": trainer.global_step,
         "metrics": metrics,

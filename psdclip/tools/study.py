@@ -31,6 +31,7 @@ import matplotlib
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from psdclip.module import DIAGNOSTICS as D_DIAGNOSTICS
 from psdclip.tools.report import load_jobs, markdown, select_metrics
 
 matplotlib.use("Agg")
@@ -54,7 +55,8 @@ class StudyData:
     metrics: list[str]
 
 
-DIAGNOSTICS = ["train/distill_precision_epoch", "train/distill_recall_epoch"]
+# D's precision and recall against the data's marks, and the memory rule's noise estimate (the names the module logs)
+DIAGNOSTICS = [name for name in D_DIAGNOSTICS if "distill" in name] + ["train/noise_estimate"]
 STUDY_DATA = {
     # each task's headline metric
     "embedded": StudyData(
