@@ -1,20 +1,18 @@
 """The LightningModule: encode both towers (and the EMA teacher's) → PSD loss → log; the optimiser and LR schedule
 of the ``optim`` config."""
 
-import contextlib
 import math
 from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from psdclip.loss import PSDLoss, PSDOutput
 from psdclip.models import CLIPBundle, NormalizedEncoders
 
 MAX_LOGIT_SCALE = math.log(100.0)
-FEATURE_KEYS = ("image_features", "text_features", "logit_scale")  # what the loss reads of open_clip's output dict
 NOISE_DIAGNOSTICS = ("batch_noise", "distill_precision", "distill_recall")
 
 
@@ -94,15 +92,19 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         )
 
     def step_in_micro_batches(self, images: Tensor, texts: Tensor, noise_marks: Tensor | None) -> PSDOutput:
-        """One optimiser step on the batch, computed in ``micro_batches`` pieces (gradient caching, as open_clip's
-        ``--accum-freq``, with the loss computed once).
+        """One optimiser step on the batch, computed in ``micro_batches`` pieces, with one backward pass.
 
-        1. Encode every piece without gradients (and the teacher's) and compute the loss of the whole batch on these
-           features: every pair is a negative of every other, D and the teacher's targets are the whole batch's.
-        2. Take the loss's gradient with respect to the features and the temperature only (no weights yet).
-        3. Encode each piece again with gradients and back-propagate its features' share of that gradient: the
-           sum over the pieces is the whole batch's gradient by the chain rule, with one piece's activations alive.
-        Exact when the forward pass is deterministic (no dropout), as open_clip's accumulation is.
+        1. Encode each piece under activation checkpointing: only its features are kept, its activations are not.
+        2. Compute the loss of the whole batch on these features (and the teacher's, encoded piece by piece without
+           gradients): every pair is a negative of every other, D and the teacher's targets are the whole batch's.
+        3. One ``manual_backward`` of that loss: autograd reaches each piece's checkpoint in turn and recomputes its
+           activations there, so one piece's activations are alive at a time, and the gradients are the whole batch's.
+
+        The same cost as open_clip's ``--accum-freq`` (one extra forward pass), but one backward pass per step, not
+        one per piece: DDP all-reduces once, in the order its reducer expects (static graph and gradient-as-bucket-view
+        included; several backward passes inside one DDP forward break its first static-graph iteration), and the
+        precision plugin's loss scaling (16-mixed) covers the features' gradients too. Checkpointing replays each
+        piece's random state, so dropout draws the same masks in the recomputation.
         """
         pieces = [
             piece
@@ -111,36 +113,17 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             )
             if len(piece[0])
         ]
+        outputs = concat_outputs([checkpoint(self.model, *piece, use_reentrant=False) for piece in pieces])
         with torch.no_grad():
-            cached = concat_outputs([self.model(*piece) for piece in pieces])
             teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher_needed() else None
-        leaves = {name: cached[name].detach().requires_grad_() for name in FEATURE_KEYS}
-        result = self.psd_loss(leaves, teacher, noise_marks)
-        grads = dict(zip(FEATURE_KEYS, torch.autograd.grad(result.loss, list(leaves.values())), strict=True))
-        sizes = [len(piece[0]) for piece in pieces]
-        shares = {name: grads[name].split(sizes) for name in ("image_features", "text_features")}
-
+        result = self.psd_loss(outputs, teacher, noise_marks)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        for index, piece in enumerate(pieces):
-            last = index == len(pieces) - 1
-            # DDP all-reduces once, in the last backward pass, which therefore reaches every weight (logit_scale too)
-            with contextlib.nullcontext() if last else self.gradients_unsynchronised():
-                outputs = self.model(*piece)
-                # the surrogate's gradient with respect to this piece's features is their share of the loss's gradient
-                surrogate = sum((outputs[name] * shares[name][index]).sum() for name in shares)
-                if last:
-                    surrogate = surrogate + (outputs["logit_scale"] * grads["logit_scale"]).sum()
-                self.manual_backward(surrogate)
+        self.manual_backward(result.loss)
         optimizer.step()
         self.lr_schedulers().step()
         self.after_optimizer_step()
         return result
-
-    def gradients_unsynchronised(self) -> contextlib.AbstractContextManager:
-        """No gradient all-reduce in the backward passes within (DDP), nothing to do on one device."""
-        strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
