@@ -1,0 +1,163 @@
+"""Every code path a GPU run takes that a CPU can take too: DDP with the GPU strategy's settings (static graph,
+gradients as bucket views) and micro-batches, loss scaling under 16-mixed with micro-batches, bf16, torch.compile,
+gradient checkpointing, and resuming a checkpoint on another number of ranks. ``bench/device_check.sh`` runs the same
+paths on a GPU."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+
+from psdclip.training import train
+from tests.helpers.one_step import global_batch, make_module, one_step, train_steps
+from tests.helpers.processes import run_in_session
+from tests.test_scale_ddp import free_port
+
+WORLD, PER_RANK, STEPS = 2, 8, 3
+# the default rule with the EMA teacher at a constant alpha: the teacher's targets and D matter from the first step
+PSD_EMA = {
+    "alpha_max": 0.5,
+    "schedule": "constant",
+    "subset": "outscored",
+    "outscore_margin": 0.5,
+    "teacher": "ema",
+    "ema_decay": 0.9,
+    "scope": "batch",
+}
+# conf/trainer/ddp.yaml's DDP settings, over gloo
+GPU_DDP_SETTINGS = {"static_graph": True, "gradient_as_bucket_view": True, "find_unused_parameters": False}
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [global_batch(WORLD * PER_RANK, seed=step) for step in range(STEPS)]
+
+
+def ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    result = train_steps(
+        make_module(PSD_EMA, micro_batches=2),
+        [(images[rows], texts[rows]) for images, texts in batches()],
+        devices=WORLD,
+        strategy=DDPStrategy(process_group_backend="gloo", **GPU_DDP_SETTINGS),
+    )
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_micro_batches_under_static_graph_ddp_take_the_single_process_steps(tmp_path):
+    """Two ranks, each computing its half of the global batch in 2 pieces, over 3 steps = one process on the whole
+    batches at once. DDP's first static-graph iteration used to fail (reducer.cpp: expect_autograd_hooks_)."""
+    mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    torch.set_num_threads(1)
+    reference = train_steps(make_module(PSD_EMA), batches(), devices=1)
+    assert reference["distill"].sum() > 0 and reference["teacher"]
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(result["distill"], reference["distill"])
+        for name, grad in reference["grads"].items():  # the third step's, as the optimiser saw them
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        for group in ("weights", "teacher"):
+            for name, value in reference[group].items():
+                torch.testing.assert_close(result[group][name], value, rtol=1e-4, atol=1e-5, msg=f"{group} {name}")
+
+
+def fp16_step(micro_batches: int) -> tuple[dict, float]:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    result = one_step(make_module(PSD_EMA, micro_batches=micro_batches), global_batch(16), plugins=[precision])
+    return result, scaler.get_scale()
+
+
+def test_fp16_micro_batches_scale_the_whole_backward_pass():
+    """16-mixed: the loss is scaled before the one backward pass, so the features' gradients are scaled as the weights'
+    are (the old per-piece surrogate took unscaled fp16 feature gradients); the step equals the whole batch's, in fp16
+    and in fp32, up to fp16's rounding (relative to each gradient's norm: small entries round coarsely)."""
+    torch.set_num_threads(1)
+    whole, _ = fp16_step(1)
+    pieces, scale = fp16_step(2)
+    exact = one_step(make_module(PSD_EMA), global_batch(16))
+    assert scale == 2.0**16  # no overflow: the step was taken, not skipped by the scaler
+    for name, grad in exact["grads"].items():
+        assert grad.abs().max() > 0, name
+        for reference in (whole["grads"][name], grad):
+            error = (pieces["grads"][name] - reference).norm() / reference.norm()
+            assert error < 1e-2, f"{name}: relative error {error:.2e}"
+
+
+def finite_losses(run_dir: Path) -> list[float]:
+    log = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    losses = log["train/loss"].dropna().tolist()
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer.precision=bf16-mixed"], ["model.compile=true"], ["model.grad_checkpointing=true"]],
+    ids=["bf16", "compile", "grad-checkpointing"],
+)
+def test_gpu_settings_train_end_to_end(train_cfg, tmp_path, overrides):
+    train(train_cfg("trainer.max_steps=3", "~callbacks.evaluation", "~callbacks.media", *overrides))
+    assert len(finite_losses(tmp_path / "run")) == 3
+
+
+def train_py(fashion_mnist_dir: Path, log_dir: Path, *overrides: str) -> Path:
+    """A tiny ``python train.py`` run in its own session (DDP ranks die with it); its run folder."""
+    command = [
+        sys.executable,
+        "train.py",
+        f"paths.fashion_mnist_dir={fashion_mnist_dir}",
+        f"paths.cache_dir={log_dir.parent / 'cache'}",
+        f"paths.log_dir={log_dir}",
+        "debug=tiny",
+        "data.batch_size=16",
+        "data.shard_size=100",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.evaluation",
+        "~callbacks.media",
+        *overrides,
+    ]
+    done = run_in_session(command, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return max((log_dir / "train" / "runs").iterdir(), key=lambda folder: folder.stat().st_mtime)
+
+
+# 2 ranks with the GPU strategy's DDP settings and micro-batches, as trainer=ddp runs them on GPUs
+DDP_RANKS = [
+    "trainer=ddp_cpu",
+    *(f"+trainer.strategy.{name}={str(value).lower()}" for name, value in GPU_DDP_SETTINGS.items() if value),
+    "optim.micro_batches=2",
+]
+ONE_RANK = ["trainer=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(DDP_RANKS, ONE_RANK), (ONE_RANK, DDP_RANKS)], ids=["2-to-1", "1-to-2"])
+def test_resume_on_another_number_of_ranks(fashion_mnist_dir, tmp_path, first, then):
+    log_dir = tmp_path / "logs"
+    started = train_py(fashion_mnist_dir, log_dir, *first, "trainer.max_steps=2")
+    checkpoint = started / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == 2
+    assert len(saved["rng_states"]["ranks"]) == (WORLD if first is DDP_RANKS else 1)  # one state per rank
+    resumed = train_py(fashion_mnist_dir, log_dir, *then, "trainer.max_steps=4", f"ckpt_path={checkpoint}")
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert len(finite_losses(started)) == 2 and len(finite_losses(resumed)) == 2
