@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from psdclip.callbacks.checkpointing import resolve_ckpt_path
 from psdclip.callbacks.summary import SUMMARY_FILE, format_table
 from psdclip.cli import check_settings
+from psdclip.cuda_settings import apply_cuda_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.runlog import announce
@@ -37,6 +38,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``)."""
     check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    apply_cuda_settings(**cfg.get("cuda", {}))  # TF32, cuDNN autotuning (conf/train.yaml)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only
     module = PSDCLIPModule(clip, instantiate(cfg.loss), **instantiate(cfg.optim))
