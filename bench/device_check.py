@@ -160,21 +160,21 @@ class SyncWindow(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("device").set_defaults(run=device)
+    commands.add_parser("device").set_defaults(func=device)
     commands.choices["device"].add_argument("--require-gpu", action="store_true", help="fail without a GPU")
-    commands.add_parser("data").set_defaults(run=data)
+    commands.add_parser("data").set_defaults(func=data)
     commands.choices["data"].add_argument("folder")
     for name, function in (("losses", losses), ("teacher", teacher), ("evaluation", evaluation)):
         command = commands.add_parser(name)
         command.add_argument("run", help="a run folder, or the paths.log_dir of one run")
-        command.set_defaults(run=function)
+        command.set_defaults(func=function)
     commands.choices["losses"].add_argument("--step", type=int, help="the step last.ckpt must be at")
-    commands.add_parser("compiled").set_defaults(run=compiled)
+    commands.add_parser("compiled").set_defaults(func=compiled)
     commands.choices["compiled"].add_argument("log")
-    commands.add_parser("open-clip").set_defaults(run=open_clip_load)
+    commands.add_parser("open-clip").set_defaults(func=open_clip_load)
     commands.choices["open-clip"].add_argument("folder")
     args = parser.parse_args()
-    args.run(args)
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ last_checkpoint() {
 }
 
 install() {
-  if [[ -d bench/wheels ]]; then
+  # CPU mode checks the imports only: it must not reinstall the machine's editable psdclip
+  if [[ $mode == gpu && -d bench/wheels ]]; then
     # the wheels bench/device_prepare.sh fetched; everything else (torch first) is the machine's own
     "$python" -m pip install -q --no-index --find-links bench/wheels -r bench/wheels/requirements.txt &&
       "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return
