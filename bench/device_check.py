@@ -8,8 +8,7 @@
     python -m bench.device_check compiled LOG            # recompiles and graph breaks TORCH_LOGS reported
     python -m bench.device_check open-clip FOLDER        # an exported folder loads in open_clip and encodes
 
-Each prints one line of figures and exits non-zero when its check fails. ``SyncWindow`` is a train.py callback that
-counts the host syncs of a few training steps (``torch.cuda.set_sync_debug_mode``).
+Each prints one line of figures and exits non-zero when its check fails (``bench/sync_window.py`` counts host syncs).
 """
 
 import argparse
@@ -18,12 +17,8 @@ import math
 import re
 import subprocess
 import sys
-import traceback
-import warnings
-from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +87,11 @@ def evaluation(args: argparse.Namespace) -> None:
     metrics = json.loads((run / "eval_results.json").read_text())["metrics"]
     wanted = {
         task: [name for name in metrics if re.search(pattern, name)]
-        for task, pattern in (("zeroshot", "zeroshot_top1$"), ("linear probe", "linear_probe"), ("retrieval", "recall"))
+        for task, pattern in (
+            ("zeroshot", "/zeroshot_top1$"),
+            ("linear probe", "/linear_probe_top1$"),
+            ("retrieval", "/retrieval_r\\d+$"),
+        )
     }
     print("; ".join(f"{task}: {', '.join(f'{n}={metrics[n]:.3f}' for n in names)}" for task, names in wanted.items()))
     for task, names in wanted.items():
@@ -117,44 +116,6 @@ def open_clip_load(args: argparse.Namespace) -> None:
         features = model.encode_image(torch.zeros(2, 3, size, size))
     print(f"open_clip loaded {args.folder}: image features {tuple(features.shape)}")
     assert torch.isfinite(features).all()
-
-
-class SyncWindow(L.Callback):
-    """Counts the host syncs torch reports under ``set_sync_debug_mode("warn")`` in training steps ``first + 1`` to
-    ``last``, each with the line of psdclip (else Lightning) code that asked for it, and prints them when training
-    ends. A callback for train.py: ``+callbacks.syncs._target_=bench.device_check.SyncWindow``."""
-
-    def __init__(self, first: int = 2, last: int = 7):
-        self.first, self.last, self.sites = first, last, Counter()
-
-    def record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" not in str(message):
-            return
-        frames = [frame for frame in traceback.extract_stack()[:-1] if "warnings" not in frame.filename]
-        ours = [frame for frame in frames if "psdclip" in frame.filename or "lightning" in frame.filename]
-        site = (ours or frames)[-1]
-        self.sites[f"{Path(site.filename).name}:{site.lineno} {site.line}"] += 1
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.first and torch.cuda.is_available():
-            warnings.simplefilter("always")
-            warnings.showwarning = self.record
-            torch.cuda.set_sync_debug_mode("warn")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.last and torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode("default")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        if not torch.cuda.is_available():
-            print("host syncs: not counted without a GPU")
-            return
-        steps, total = self.last - self.first, sum(self.sites.values())
-        for site, count in self.sites.most_common(8):  # "  >" lines: device_check.sh shows them under its PASS line
-            print(f"  > {count:4d}  {site}")
-        print(f"host syncs: {total / steps:.1f} per step ({total} in steps {self.first + 1}-{self.last})")
 
 
 def main() -> None:
