@@ -149,14 +149,14 @@ def test_partly_written_checkpoint_never_replaces_last(tmp_path, monkeypatch, io
 
 @pytest.mark.parametrize("weights", ["student", "ema"])
 def test_export_loads_in_open_clip_with_identical_embeddings(tmp_path, weights):
-    from tests.helpers.one_step import OneBatch, global_batch, make_module
+    from tests.helpers.one_step import Batches, global_batch, make_module
 
     module = make_module({"alpha_max": 0.5, "teacher": "ema", "ema_decay": 0.9}, local_loss=False)
     # 2 steps: AveragedModel's first update copies the student, the second makes the EMA differ from it
     trainer = quiet_trainer(
         max_steps=2,
     )
-    trainer.fit(module, train_dataloaders=OneBatch(global_batch(16)))
+    trainer.fit(module, train_dataloaders=Batches(global_batch(16)))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     out = export(tmp_path / "run.ckpt", tmp_path / "export", weights=weights)
 
