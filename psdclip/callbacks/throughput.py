@@ -30,11 +30,11 @@ class StepThroughput(Callback):
         self.started = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.restart(trainer)
+        self.restart(self.device_time(trainer))
 
-    def restart(self, trainer: L.Trainer) -> None:
+    def restart(self, now: float) -> None:
         self.samples = self.batches = 0
-        self.started = self.device_time(trainer)
+        self.started = now
 
     @staticmethod
     def device_time(trainer: L.Trainer) -> float:
@@ -48,7 +48,8 @@ class StepThroughput(Callback):
         self.batches += 1
         if not logs_this_step(trainer):
             return
-        elapsed = self.device_time(trainer) - self.started
+        now = self.device_time(trainer)
+        elapsed = now - self.started
         rates = {
             "train/device/samples_per_sec": self.samples / elapsed,
             "train/device/batches_per_sec": self.batches / elapsed,
@@ -57,4 +58,4 @@ class StepThroughput(Callback):
             rates["train/samples_per_sec"] = rates["train/device/samples_per_sec"] * trainer.world_size
         for name, value in rates.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
-        self.restart(trainer)
+        self.restart(now)
