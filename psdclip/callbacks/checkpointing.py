@@ -143,11 +143,12 @@ def rng_states() -> dict[str, Any]:
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     """Set the random states ``rng_states`` returned; the CUDA state goes to the current device only, so a checkpoint
-    of any GPU count resumes on any other (older checkpoints hold a list of every device's state: the first)."""
+    of any GPU count resumes on any other (older checkpoints hold rank 0's list of every device's state: this
+    device's entry where there is one)."""
     torch.set_rng_state(states["torch"])
     cuda = states["cuda"]
-    if isinstance(cuda, list):
-        cuda = cuda[0] if cuda else None
+    if isinstance(cuda, list):  # an older checkpoint's
+        cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if cuda and torch.cuda.is_available() else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
     name, keys, *rest = states["numpy"]
