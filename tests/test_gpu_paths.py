@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 
+from psdclip.callbacks.checkpointing import ResumableCheckpoint, rng_states
 from psdclip.training import train
 from tests.helpers.one_step import global_batch, make_module, one_step, train_steps
 from tests.helpers.processes import run_in_session
@@ -162,3 +164,25 @@ def test_resume_on_another_number_of_ranks(fashion_mnist_dir, tmp_path):
         assert saved["global_step"] == steps
         assert len(saved["rng_states"]["ranks"]) == (WORLD if ranks is DDP_RANKS else 1)  # one state per rank
         finite_losses(run)
+
+
+@pytest.mark.parametrize("saved_ranks,rank,restored", [(2, 1, 1), (2, 0, 0), (1, 1, 0), (8, 3, 3)])
+def test_each_rank_restores_its_own_rng_state_or_rank_0s(saved_ranks, rank, restored):
+    """A checkpoint of ``saved_ranks`` ranks resumed as rank ``rank``: its own torch state, else rank 0's."""
+    states = []
+    for index in range(saved_ranks):
+        torch.manual_seed(100 + index)
+        states.append(rng_states())
+    trainer = SimpleNamespace(world_size=max(saved_ranks, rank + 1), global_rank=rank, is_global_zero=rank == 0)
+    torch.manual_seed(0)
+    ResumableCheckpoint().on_load_checkpoint(trainer, None, {"rng_states": {"ranks": states}})
+    assert torch.equal(torch.get_rng_state(), states[restored]["torch"])
+
+
+def test_an_older_checkpoint_with_rank_0s_states_still_restores():
+    torch.manual_seed(7)
+    old_format = {**rng_states(), "cuda": []}  # rank 0's states, every device's CUDA state as a list
+    expected = torch.rand(3)
+    trainer = SimpleNamespace(world_size=1, global_rank=0, is_global_zero=True)
+    ResumableCheckpoint().on_load_checkpoint(trainer, None, {"rng_states": old_format})
+    assert torch.equal(torch.rand(3), expected)
