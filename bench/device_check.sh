@@ -146,17 +146,19 @@ compiled() {
 }
 
 host_syncs() {
-  # steps 3 to 7 (CPU: 2 to 3) after the first steps' one-off work; SyncWindow prints the count and where
+  # steps 3 to 7 (CPU: 2 to 3), after the first steps' one-off work and before the last step's end-of-run work, at
+  # the default logging interval (the guard and the throughput figure wait for the device only when they log)
   local first=2 last=7
   if [[ $mode == cpu ]]; then first=1 last=3; fi
-  train syncs "${single[@]}" "${no_evaluation[@]}" "${psd_from_start[@]}" "trainer.max_steps=$last" \
+  train syncs "${single[@]}" "${no_evaluation[@]}" "${psd_from_start[@]}" "trainer.max_steps=$((last + 1))" \
+    trainer.log_every_n_steps=10 \
     +callbacks.syncs._target_=bench.sync_window.SyncWindow "+callbacks.syncs.first=$first" \
     "+callbacks.syncs.last=$last" >"$work/syncs.out" 2>&1 &&
     grep -e '^  > ' -e '^host syncs' "$work/syncs.out"
 }
 
+check install "install: wheels and psdclip on the machine's torch" install
 if ((run_checks)); then
-  check install "install: wheels and psdclip on the machine's torch" install
   gpu_flag=()
   if [[ $mode == gpu ]]; then gpu_flag=(--require-gpu); fi
   check device "CUDA visible, driver version" verify device "${gpu_flag[@]}"
