@@ -13,6 +13,8 @@ limit_mib=16 # the device tool carries at most 64 MiB of working tree in all
 packages=(open_clip_torch ftfy wcwidth webdataset braceexpand hydra-core omegaconf antlr4-python3-runtime)
 # sdist-only on PyPI, pure Python: built into a wheel here
 build_here=(antlr4-python3-runtime)
+# carried but not asked for: pip takes them only where the machine's own copy is too old (open_clip needs timm>=1.0.17)
+fallbacks=(timm)
 
 rm -rf "$out"
 mkdir -p "$out"
@@ -27,6 +29,10 @@ done
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$out" "${download[@]}"
+for name in "${fallbacks[@]}"; do
+  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform any -d "$out" "$name==$("$python" -c "from importlib.metadata import version; print(version('$name'))")"
+done
 for name in "${build_here[@]}"; do
   "$python" -m pip wheel -q --no-deps -w "$out" "$(grep -i "^$name==" "$out/requirements.txt")"
 done
