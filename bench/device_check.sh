@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1
 failed=0
 
 if [[ $mode == gpu ]]; then
-  steps=5 batch=64 workers=4
+  steps=5 batch=64 workers=2 # 2 workers share the 4 training shards evenly
   single=(trainer=gpu model=vit_b32)
   ddp=(trainer=ddp trainer.devices=1 model=vit_b32)
   bench=(--model vit_b32 --precision bf16 --batch-size 256 --workers 8)
