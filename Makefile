@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install train lint test test-fast clean clean-cache
+.PHONY: install train lint test test-fast clean clean-cache device-prepare device-check
 
 # The one set-up command: the package with pinned dependencies, plus Fashion-MNIST where apt can install it.
 install:
@@ -32,3 +32,11 @@ clean:
 # the embedded dataset's cached shards (one set per data setting, e.g. per data.noise); rebuilt when next needed
 clean-cache:
 	$(PYTHON) -m psdclip.tools.cache --clean
+
+# every GPU code path as a short run, PASS/FAIL per check (README "Device check"); device-prepare first, where PyPI
+# is reachable (it fetches the wheels the GPU machine lacks)
+device-prepare:
+	bash bench/device_prepare.sh
+
+device-check:
+	bash bench/device_check.sh

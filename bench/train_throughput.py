@@ -5,7 +5,9 @@ JPEG shards, per-device batch, precision, workers and AdamW, in alternating roun
     python -m bench.train_throughput --model vit_b32 --precision bf16 --batch-size 256 --workers 8   # one GPU
 
 Each round runs, each in a fresh process and in a rotating order: open_clip, psdclip ``loss=clip``, the default
-``loss=psd`` (EMA teacher) and PSD with ``loss.teacher=self``. A global optimiser-step hook, installed the same way
+``loss=psd`` (EMA teacher) and PSD with ``loss.teacher=self``, both distilling from the first step
+(``loss.schedule=constant``, so the teacher runs in every timed step). psdclip applies TF32 and cuDNN autotuning on a
+GPU (``cuda:`` in conf/train.yaml), as open_clip's trainer does. A global optimiser-step hook, installed the same way
 in both trainers, times the steps after ``--warmup`` steps: start-up, worker spawn and the first steps are left out.
 Printed: the median samples/s of each, psdclip/open_clip and PSD/CLIP, peak GPU memory, and MFU: the towers' FLOPs
 per sample (``torch.utils.flop_counter``, forward + backward = 3 × forward, the teacher's forward not counted)
@@ -32,7 +34,13 @@ MODELS = {"vit_tiny": "psdclip-vit-tiny", "vit_b32": "ViT-B-32", "vit_b16": "ViT
 PRECISIONS = {"fp32": ("32-true", "fp32"), "bf16": ("bf16-mixed", "amp_bf16"), "fp16": ("16-mixed", "amp")}
 # dense bf16 tensor-core peaks (TFLOP/s) by device name
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-PSDCLIP_VARIANTS = {"psdclip clip": ["loss=clip"], "psdclip psd": [], "psdclip psd self": ["loss.teacher=self"]}
+# the PSD variants distil from the first step (alpha > 0 at every timed step: the EMA teacher's forward always runs)
+PSD_FROM_STEP_0 = ["loss.schedule=constant"]
+PSDCLIP_VARIANTS = {
+    "psdclip clip": ["loss=clip"],
+    "psdclip psd": PSD_FROM_STEP_0,
+    "psdclip psd self": [*PSD_FROM_STEP_0, "loss.teacher=self"],
+}
 
 
 class StepClock:

@@ -1,20 +1,18 @@
 """The LightningModule: encode both towers (and the EMA teacher's, where the loss reads it) → PSD loss → log; it
 builds and updates the teacher, and makes the optimiser and LR schedule it is given."""
 
-import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from psdclip.loss import QUALITY_COUNTS, PSDLoss, PSDOutput
 from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, NormalizedEncoders
 from psdclip.teacher import EMATeacher
 
-FEATURE_KEYS = ("image_features", "text_features", "logit_scale")  # what the loss reads of open_clip's output dict
 # the key of the training step's output that carries the loss's PSDOutput to callbacks (the media callback)
 LOSS_OUTPUT = "psd"
 # D against the data's corruption marks, over an epoch: logged names → (numerator, denominator) of QUALITY_COUNTS
@@ -48,8 +46,6 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             (the loss, D and the teacher's targets span the whole batch), for ~1/K of the activation memory at the
             cost of one extra no-grad forward pass (see ``step_in_micro_batches``).
     """
-
-    flops_per_batch = None  # read by ThroughputMonitor; FLOPs are not counted, samples/s are
 
     def __init__(
         self,
@@ -132,15 +128,19 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         )
 
     def step_in_micro_batches(self, images: Tensor, texts: Tensor, info: PairInfo) -> PSDOutput:
-        """One optimiser step on the batch, computed in ``micro_batches`` pieces (gradient caching, as open_clip's
-        ``--accum-freq``, with the loss computed once).
+        """One optimiser step on the batch, computed in ``micro_batches`` pieces, with one backward pass.
 
-        1. Encode every piece without gradients (and the teacher's) and compute the loss of the whole batch on these
-           features: every pair is a negative of every other, D and the teacher's targets are the whole batch's.
-        2. Take the loss's gradient with respect to the features and the temperature only (no weights yet).
-        3. Encode each piece again with gradients and back-propagate its features' share of that gradient: the
-           sum over the pieces is the whole batch's gradient by the chain rule, with one piece's activations alive.
-        Exact when the forward pass is deterministic (no dropout), as open_clip's accumulation is.
+        1. Encode each piece under activation checkpointing: only its features are kept, its activations are not.
+        2. Compute the loss of the whole batch on these features (and the teacher's, encoded piece by piece without
+           gradients): every pair is a negative of every other, D and the teacher's targets are the whole batch's.
+        3. One ``manual_backward`` of that loss: autograd reaches each piece's checkpoint in turn and recomputes its
+           activations there, so one piece's activations are alive at a time, and the gradients are the whole batch's.
+
+        The same cost as open_clip's ``--accum-freq`` (one extra forward pass), but one backward pass per step, not
+        one per piece: DDP all-reduces once, in the order its reducer expects (static graph and gradient-as-bucket-view
+        included; several backward passes inside one DDP forward break its first static-graph iteration), and the
+        precision plugin's loss scaling (16-mixed) covers the features' gradients too. Checkpointing replays each
+        piece's random state, so dropout draws the same masks in the recomputation.
         """
         pieces = [
             piece
@@ -149,36 +149,17 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             )
             if len(piece[0])
         ]
+        outputs = concat_outputs([checkpoint(self.model, *piece, use_reentrant=False) for piece in pieces])
         with torch.no_grad():
-            cached = concat_outputs([self.model(*piece) for piece in pieces])
             teacher = concat_outputs([self.teacher(*piece) for piece in pieces]) if self.teacher_needed() else None
-        leaves = {name: cached[name].detach().requires_grad_() for name in FEATURE_KEYS}
-        result = self.psd_loss(leaves, teacher, info)
-        grads = dict(zip(FEATURE_KEYS, torch.autograd.grad(result.loss, list(leaves.values())), strict=True))
-        sizes = [len(piece[0]) for piece in pieces]
-        shares = {name: grads[name].split(sizes) for name in ("image_features", "text_features")}
-
+        result = self.psd_loss(outputs, teacher, info)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        for index, piece in enumerate(pieces):
-            last = index == len(pieces) - 1
-            # DDP all-reduces once, in the last backward pass, which therefore reaches every weight (logit_scale too)
-            with contextlib.nullcontext() if last else self.gradients_unsynchronised():
-                outputs = self.model(*piece)
-                # the surrogate's gradient with respect to this piece's features is their share of the loss's gradient
-                surrogate = sum((outputs[name] * shares[name][index]).sum() for name in shares)
-                if last:
-                    surrogate = surrogate + (outputs["logit_scale"] * grads["logit_scale"]).sum()
-                self.manual_backward(surrogate)
+        self.manual_backward(result.loss)
         optimizer.step()
         self.lr_schedulers().step()
         self.after_optimizer_step()
         return result
-
-    def gradients_unsynchronised(self) -> contextlib.AbstractContextManager:
-        """No gradient all-reduce in the backward passes within (DDP), nothing to do on one device."""
-        strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -206,7 +187,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
 
 
 def pairs_in_batch(batch: tuple[Tensor, Tensor]) -> int:
-    """Image–caption pairs in a batch (for Lightning's ThroughputMonitor)."""
+    """Image–caption pairs in a batch (for the throughput callback)."""
     return len(batch[0])
 
 

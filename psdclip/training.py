@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from psdclip.callbacks.checkpointing import DiskFullError, resolve_ckpt_path
 from psdclip.callbacks.stopping import StopRequested, record_slurm_run, requeue_slurm_job, signalled_stop
 from psdclip.callbacks.summary import SUMMARY_FILE, format_table
+from psdclip.cuda_settings import apply_cuda_settings
 from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
 from psdclip.runlog import announce
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``cfg`` must have passed ``psdclip.cli.check_settings``, as ``train.py`` does before it imports this module.
     """
     L.seed_everything(cfg.seed, workers=True)
+    apply_cuda_settings(**cfg.get("cuda", {}))  # TF32, cuDNN autotuning (conf/train.yaml)
     clip = instantiate(cfg.model)
     # plain Python types in the hyperparameters, so checkpoints load with weights_only
     optim = instantiate(cfg.optim)

@@ -96,7 +96,8 @@ class ResumableCheckpoint(ModelCheckpoint):
       (evaluation, media) runs: an error there never costs the weights;
     - ``last.ckpt`` at the current step when the job receives SIGTERM or SLURM's warning signal (``StopOnSignal``
       stops every rank after the same step);
-    - the RNG states of torch, CUDA, numpy and ``random`` (rank 0's, restored on every rank);
+    - the RNG states of torch, CUDA (the rank's device), numpy and ``random`` of every rank, each restored on its rank
+      (a checkpoint of N ranks resumes on any other number: extra ranks take rank 0's);
     - stale partial files of writes killed midway are removed at start-up.
     """
 
@@ -147,29 +148,61 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.saved_step = trainer.global_step  # every save (periodic, final, on SIGTERM) passes here, on every rank
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": _plain(np.random.get_state()),  # plain types: checkpoints load with weights_only=True
-            "python": random.getstate(),
-        }
+        # every rank's own streams (a collective: every rank saves together), so each rank resumes its own
+        checkpoint["rng_states"] = {"ranks": gather_from_ranks(trainer, rng_states())}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
         if states is None:
             log.warning("checkpoint has no RNG states; random streams restart from the seed")
             return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        name, keys, *rest = states["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-        random.setstate(states["python"])
+        saved = states.get("ranks") or [states]  # older checkpoints: rank 0's states only
+        if len(saved) != trainer.world_size and trainer.is_global_zero:
+            log.warning(
+                "checkpoint saved by %d rank(s), resumed on %d: ranks without a saved state take rank 0's",
+                len(saved),
+                trainer.world_size,
+            )
+        restore_rng_states(saved[trainer.global_rank] if trainer.global_rank < len(saved) else saved[0])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             remove_stale_partials(Path(self.dirpath))
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random states: torch's, its current CUDA device's (a rank drives one), numpy's and ``random``'s."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": _plain(np.random.get_state()),  # plain types: checkpoints load with weights_only=True
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the random states ``rng_states`` returned; the CUDA state goes to the current device only, so a checkpoint
+    of any GPU count resumes on any other (older checkpoints hold rank 0's list of every device's state: this
+    device's entry where there is one)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states["cuda"]
+    if isinstance(cuda, list):  # an older checkpoint's
+        cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if cuda and torch.cuda.is_available() else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def gather_from_ranks(trainer: L.Trainer, value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (a collective under DDP; on one process, a list of one)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def finishes_training(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -1,5 +1,6 @@
-"""One optimiser step of the tiny model on one batch, with what it computed: the logged loss, D, the gradients the
-optimiser saw, and the weights and EMA teacher after the step. The DDP and micro-batch tests compare such steps."""
+"""Optimiser steps of the tiny model on given batches (``one_step``: one batch), with what they computed: the logged
+loss, D, the gradients the optimiser saw, and the weights and EMA teacher after them. The DDP and micro-batch tests
+compare such steps."""
 
 from pathlib import Path
 
@@ -63,26 +64,33 @@ class Capture(L.Callback):
         self.distill = outputs[LOSS_OUTPUT].subset.chosen.cpu().clone()
 
 
-class OneBatch:
-    def __init__(self, batch):
-        self.batch = batch
+class Batches:
+    """A data loader of the given batches, in order."""
+
+    def __init__(self, *batches):
+        self.batches = batches
 
     def __iter__(self):
-        yield self.batch
+        yield from self.batches
 
     def __len__(self) -> int:
-        return 1
+        return len(self.batches)
 
 
 def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
+    return train_steps(module, [batch], **trainer_kwargs)
+
+
+def train_steps(module: PSDCLIPModule, batches: list, **trainer_kwargs) -> dict:
+    """One optimiser step per batch; the last step's loss, D and gradients, the weights and teacher after them."""
     capture = Capture()
     trainer = quiet_trainer(
-        max_steps=1,
+        max_steps=len(batches),
         callbacks=[capture],
         use_distributed_sampler=False,
         **trainer_kwargs,
     )
-    trainer.fit(module, train_dataloaders=OneBatch(batch))
+    trainer.fit(module, train_dataloaders=Batches(*batches))
     teacher = module.teacher.model if module.teacher is not None else None
     return {
         "loss": capture.loss,
