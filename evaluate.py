@@ -7,8 +7,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from psdclip.cli import check_overrides, check_settings, reported_errors
-from psdclip.runlog import announce
+from psdclip.run.cli import check_overrides, check_settings, reported_errors
+from psdclip.run.runlog import announce
 
 
 def results_path(cfg: DictConfig) -> Path:

@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from psdclip.cli import check_overrides, check_settings, reported_errors, sweep_objective
+from psdclip.run.cli import check_overrides, check_settings, reported_errors, sweep_objective
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

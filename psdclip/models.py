@@ -10,8 +10,8 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from psdclip.callbacks.checkpointing import check_complete
-from psdclip.quiet import quiet_libraries
+from psdclip.run.checkpoint_files import check_complete
+from psdclip.run.quiet import quiet_libraries
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # open_clip's cap on the learnt temperature: logits at most 100 × cosine similarity

@@ -1,6 +1,5 @@
 """Build everything from a composed config, train, evaluate, summarise."""
 
-import json
 import logging
 import re
 import signal
@@ -15,13 +14,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from psdclip.callbacks.checkpointing import DiskFullError, resolve_ckpt_path
-from psdclip.callbacks.stopping import StopRequested, record_slurm_run, requeue_slurm_job, signalled_stop
-from psdclip.callbacks.summary import SUMMARY_FILE, format_table
 from psdclip.cuda_settings import apply_cuda_settings
-from psdclip.loggers import git_state
 from psdclip.module import PSDCLIPModule
-from psdclip.runlog import announce
+from psdclip.run.checkpoint_files import DiskFullError, resolve_ckpt_path
+from psdclip.run.loggers import git_state
+from psdclip.run.runlog import announce
+from psdclip.run.stopping import StopRequested, record_slurm_run, requeue_slurm_job, signalled_stop
+from psdclip.run.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def instantiate_group(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (``trainer.callback_metrics``).
 
-    ``cfg`` must have passed ``psdclip.cli.check_settings``, as ``train.py`` does before it imports this module.
+    ``cfg`` must have passed ``psdclip.run.cli.check_settings``, as ``train.py`` does before it imports this module.
     """
     L.seed_everything(cfg.seed, workers=True)
     apply_cuda_settings(**cfg.get("cuda", {}))  # TF32, cuDNN autotuning (conf/train.yaml)
@@ -154,29 +153,3 @@ def lost_a_rank(trainer: L.Trainer, collective: str, error: RuntimeError) -> NoR
         reason,
     )
     raise SystemExit(1)
-
-
-def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:
-    zeroshot = {name.split("/")[1]: value for name, value in metrics.items() if name.endswith("/zeroshot_top1")}
-    # the headline is the end-of-training evaluation's, not that of a learning curve evaluated beside it
-    evaluated = [name for name in (cfg.get("evaluation") or {}).get("datasets", {}) if name in zeroshot]
-    summary = {
-        "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
-        "alpha_max": cfg.loss.alpha_max,
-        "subset": trainer.lightning_module.loss.subset.name,
-        "teacher": "ema" if trainer.lightning_module.teacher is not None else "self",
-        "noise": cfg.data.get("noise"),
-        "noise_kind": cfg.data.get("noise_kind"),
-        "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
-        # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
-        "noise_estimate": metrics.get("train/noise_estimate"),
-        "wall_time_s": round(wall_time, 1),
-        "steps": trainer.global_step,
-        "metrics": metrics,
-        "output_dir": str(Path(trainer.default_root_dir)),
-    }
-    path = Path(trainer.default_root_dir, SUMMARY_FILE)  # the run folder's top, beside eval_results.json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
-    announce(f"\n{format_table([summary])}\nsummary: {path}")
-    return summary

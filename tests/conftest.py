@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from psdclip.cli import check_settings
+from psdclip.run.cli import check_settings
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

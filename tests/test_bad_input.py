@@ -240,7 +240,7 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error(tiny_checkpoint,
 def test_a_sweep_objective_the_run_did_not_measure_raises():
     from omegaconf import OmegaConf
 
-    from psdclip.cli import sweep_objective
+    from psdclip.run.cli import sweep_objective
 
     cfg = OmegaConf.create({"optimized_metric": "eval/imagenet1k/zeroshot_top1"})
     metrics = {"eval/fashion_mnist/zeroshot_top1": 0.8, "train/loss": 2.0}

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from psdclip.callbacks.checkpointing import resolve_ckpt_path
-from psdclip.callbacks.stopping import record_slurm_run
 from psdclip.data import ShardDataModule
 from psdclip.data.samples import COUNTERS
+from psdclip.run.checkpoint_files import resolve_ckpt_path
+from psdclip.run.stopping import record_slurm_run
 from tests.conftest import tiny_run_overrides
 from tests.helpers.processes import checkout_env, child, free_port, run_in_session, separate_ranks
 from tests.helpers.shard_sets import run_rank, tokenizer, transform, write_set
@@ -219,6 +219,7 @@ def test_flaky_remote_shards_are_retried_and_a_dead_one_is_skipped_counted_and_n
         urls,
         train_num_samples=64,
         batch_size=8,
+        num_workers=2,
         shuffle_buffer=16,
         shard_retries=2,
         retry_wait_s=0.05,

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from psdclip.callbacks.progress import LogProgress, progress_bar
-from psdclip.loggers import git_state
+from psdclip.run.loggers import git_state
 from psdclip.subsets import DoubtSubset, OutscoredSubset
 from psdclip.tools.audit import batch_query, quality
 from psdclip.tools.report import Job, parse_overrides, swept_keys

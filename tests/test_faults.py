@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from psdclip.callbacks.checkpointing import IncompleteCheckpointError, resolve_ckpt_path
 from psdclip.data.embedded import FashionMNISTShards
 from psdclip.models import read_checkpoint
+from psdclip.run.checkpoint_files import IncompleteCheckpointError, resolve_ckpt_path
 from psdclip.training import SIGTERM_EXIT, train
 from tests.conftest import compose_config, make_fashion_mnist
 from tests.helpers.processes import Child, child, kill_session
@@ -155,7 +155,7 @@ def test_sigterm_during_final_evaluation_stops_it(two_shard_eval_data, tmp_path)
 # ---- 3. resume from the newest complete checkpoint --------------------------------------------------------------------
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from psdclip.callbacks.checkpointing import AtomicCheckpointIO
+    from psdclip.run.checkpoint_files import AtomicCheckpointIO
 
     class KilledMidWrite(AtomicCheckpointIO):
         def write(self, checkpoint, path):

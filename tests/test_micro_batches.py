@@ -4,7 +4,7 @@ loss, the distillation subset D, the gradients, the weights and the EMA teacher 
 import pytest
 import torch
 
-from psdclip.cli import check_settings
+from psdclip.run.cli import check_settings
 from tests.conftest import compose_config
 from tests.helpers.one_step import global_batch, make_module, one_step
 

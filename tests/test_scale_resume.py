@@ -13,8 +13,8 @@ from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import open_dict
 
-from psdclip.callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
-from psdclip.cli import check_settings
+from psdclip.run.checkpoint_files import AtomicCheckpointIO, resolve_ckpt_path
+from psdclip.run.cli import check_settings
 from psdclip.tools.export import export
 from psdclip.training import train
 from tests.conftest import make_fashion_mnist

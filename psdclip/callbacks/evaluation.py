@@ -5,9 +5,9 @@ import logging
 import lightning as L
 import torch
 
-from psdclip.callbacks.stopping import signalled_stop
 from psdclip.eval.features import Runtime
 from psdclip.eval.suite import EvalSuite, format_results, write_results
+from psdclip.run.stopping import signalled_stop
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from psdclip.eval.suite import EvalSuite
 from psdclip.eval.zeroshot import classifier_weights
 from psdclip.loss import PSDOutput
 from psdclip.module import LOSS_OUTPUT
-from psdclip.tables import markdown_table
+from psdclip.run.tables import markdown_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -5,7 +5,7 @@ import sys
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-from psdclip.runlog import file_log
+from psdclip.run.runlog import file_log
 
 log = logging.getLogger(__name__)
 

@@ -9,35 +9,20 @@ training step, in one all-reduce that every rank enters at the same point; then 
 
 SLURM's warning signal (``#SBATCH --signal=SIGUSR1@90 --requeue``) stops the run the same way, and then rank 0 requeues
 the job (``scontrol requeue``); the requeued job finds the checkpoint through ``record_slurm_run`` and
-``slurm_requeue_checkpoint`` (``psdclip.callbacks.checkpointing.resolve_ckpt_path``), with no ``ckpt_path`` given.
+``slurm_requeue_checkpoint`` (``psdclip.run.checkpoint_files.resolve_ckpt_path``), with no ``ckpt_path`` given.
 """
 
 import logging
-import os
 import signal
-import subprocess
 import threading
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from psdclip.run.stopping import StopRequested
 
 log = logging.getLogger(__name__)
-
-
-class StopRequested(SIGTERMException):
-    """Raised on every rank at the same step boundary once any rank has received ``signum``; ``requeue``: the
-    signal was SLURM's warning, and the job should be requeued after the checkpoint."""
-
-    def __init__(self, signum: int, requeue: bool):
-        super().__init__(128 + signum)
-        self.signum, self.requeue = signum, requeue
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 class StopOnSignal(L.Callback):
@@ -99,55 +84,3 @@ class StopOnSignal(L.Callback):
 def in_main_thread() -> bool:
     """Signal handlers can only be set there (a trainer run from another thread keeps Lightning's)."""
     return threading.current_thread() is threading.main_thread()
-
-
-def signalled_stop(trainer: L.Trainer) -> SIGTERMException | None:
-    """The stop this rank was signalled: noted by ``StopOnSignal``, or by Lightning's handler where it is absent."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, StopOnSignal) and (stop := callback.local_stop()) is not None:
-            return stop
-    return SIGTERMException() if trainer.received_sigterm else None
-
-
-def slurm_job_id() -> str | None:
-    """The SLURM job's id as ``scontrol`` takes it (``<array job>_<task>`` for array tasks); None outside SLURM."""
-    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def requeue_slurm_job() -> str:
-    """Ask SLURM to requeue this job (``scontrol requeue <id>``); what happened, in words."""
-    job = slurm_job_id()
-    if job is None:
-        return "not a SLURM job, so not requeued"
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exn:
-        return f"requeueing SLURM job {job} failed ({exn!r}); resubmit it"
-    if done.returncode != 0:
-        return f"`scontrol requeue {job}` failed ({done.stderr.strip() or done.returncode}); resubmit the job"
-    return f"requeued SLURM job {job}; it resumes from this checkpoint by itself"
-
-
-def slurm_runs_file(log_dir: str, task_name: str) -> Path | None:
-    """The file listing the run folders of this SLURM job, one per start (None outside SLURM)."""
-    job = slurm_job_id()
-    return Path(log_dir, task_name, "slurm_jobs", f"{job}.runs") if job else None
-
-
-def record_slurm_run(log_dir: str, task_name: str, run_folder: str) -> None:
-    """Note this start's run folder under the job's id, where a requeued start of the same job looks (rank 0)."""
-    if (runs := slurm_runs_file(log_dir, task_name)) is not None:
-        runs.parent.mkdir(parents=True, exist_ok=True)
-        with runs.open("a") as file:
-            file.write(f"{Path(run_folder).resolve()}\n")
-
-
-def slurm_requeued_run_folders(log_dir: str, task_name: str) -> list[Path]:
-    """The run folders earlier starts of this job wrote, where this start is a requeued one (``SLURM_RESTART_COUNT``
-    > 0); else none."""
-    runs = slurm_runs_file(log_dir, task_name)
-    if runs is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1 or not runs.is_file():
-        return []
-    return [Path(line) for line in runs.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""One-line run summaries: printed and written as JSON after each run; tabulated after a Hydra multirun."""
+"""The Hydra callback that tabulates the run summaries (``psdclip.run.summary``) after a multirun."""
 
 import json
 import logging
@@ -7,18 +7,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from psdclip.tables import text_table
+from psdclip.run.summary import SUMMARY_FILE, format_table
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
-COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "wall_time_s")
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table of run summaries, one row per run."""
-    columns = [c for c in COLUMNS if any(c in row for row in rows)] + ["output_dir"]
-    return text_table(columns, ([row.get(c) for c in columns] for row in rows))
 
 
 class MultirunSummary(Callback):

@@ -7,11 +7,11 @@ from functools import cached_property
 import lightning as L
 import torch
 
-from psdclip.cli import check_setting
 from psdclip.data.pipeline import EpochLoader, ShardStream
 from psdclip.data.plan import batches_per_rank
 from psdclip.data.samples import COUNTERS, Retries, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
+from psdclip.run.cli import check_setting
 
 log = logging.getLogger(__name__)
 

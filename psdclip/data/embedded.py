@@ -24,7 +24,7 @@ from PIL import Image
 from psdclip.data.datamodule import ShardDataModule
 from psdclip.data.sources import read_lines
 from psdclip.data.writer import encode_image, write_shards
-from psdclip.runlog import Progress
+from psdclip.run.runlog import Progress
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from psdclip.eval.linear_probe import linear_probe
 from psdclip.eval.retrieval import retrieval_metrics
 from psdclip.eval.robustness import effective_robustness
 from psdclip.eval.zeroshot import classification_metrics, classifier_weights
-from psdclip.runlog import Progress
-from psdclip.tables import text_table
+from psdclip.run.runlog import Progress
+from psdclip.run.tables import text_table
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from psdclip.callbacks.summary import SUMMARY_FILE
+from psdclip.run.summary import SUMMARY_FILE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from psdclip.tables import markdown_table
+from psdclip.run.tables import markdown_table
 
 log = logging.getLogger(__name__)
 

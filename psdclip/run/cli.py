@@ -15,9 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from psdclip.runlog import announce
+from psdclip.run.runlog import announce
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # psdclip/
 
 
 def is_number(value) -> bool:

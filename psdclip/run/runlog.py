@@ -2,7 +2,7 @@
 
 Text printed for people (tables, one-line errors, the rich progress bar's figures) is written to that file through the
 ``psdclip.log_file`` logger, which ``conf/hydra/default.yaml`` sends to the file handler only, so the console does not
-show it twice. Outside Hydra the logger propagates like any other. This module imports nothing heavy (``psdclip.cli``
+show it twice. Outside Hydra the logger propagates like any other. This module imports nothing heavy (``psdclip.run.cli``
 uses it before torch loads).
 """
 

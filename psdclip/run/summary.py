@@ -1,0 +1,46 @@
+"""The run summary: ``summary.json`` in each run folder (method, settings, the headline zero-shot top-1, the noise
+estimate, wall time, every final metric), and the one-line table printed after a run or a multirun."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from psdclip.run.runlog import announce
+from psdclip.run.tables import text_table
+
+SUMMARY_FILE = "summary.json"
+COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "wall_time_s")
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of run summaries, one row per run."""
+    columns = [c for c in COLUMNS if any(c in row for row in rows)] + ["output_dir"]
+    return text_table(columns, ([row.get(c) for c in columns] for row in rows))
+
+
+def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:
+    zeroshot = {name.split("/")[1]: value for name, value in metrics.items() if name.endswith("/zeroshot_top1")}
+    # the headline is the end-of-training evaluation's, not that of a learning curve evaluated beside it
+    evaluated = [name for name in (cfg.get("evaluation") or {}).get("datasets", {}) if name in zeroshot]
+    summary = {
+        "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
+        "alpha_max": cfg.loss.alpha_max,
+        "subset": trainer.lightning_module.loss.subset.name,
+        "teacher": "ema" if trainer.lightning_module.teacher is not None else "self",
+        "noise": cfg.data.get("noise"),
+        "noise_kind": cfg.data.get("noise_kind"),
+        "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
+        # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
+        "noise_estimate": metrics.get("train/noise_estimate"),
+        "wall_time_s": round(wall_time, 1),
+        "steps": trainer.global_step,
+        "metrics": metrics,
+        "output_dir": str(Path(trainer.default_root_dir)),
+    }
+    path = Path(trainer.default_root_dir, SUMMARY_FILE)  # the run folder's top, beside eval_results.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    announce(f"\n{format_table([summary])}\nsummary: {path}")
+    return summary
