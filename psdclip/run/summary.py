@@ -3,12 +3,15 @@ estimate, wall time, every final metric), and the one-line table printed after a
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 from omegaconf import DictConfig
 
 from psdclip.run.runlog import announce
 from psdclip.run.tables import text_table
+
+if TYPE_CHECKING:  # the multirun callback imports this module at start-up, before torch and Lightning may load
+    import lightning as L
 
 SUMMARY_FILE = "summary.json"
 COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "wall_time_s")
@@ -20,7 +23,7 @@ def format_table(rows: list[dict]) -> str:
     return text_table(columns, ([row.get(c) for c in columns] for row in rows))
 
 
-def write_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time: float) -> dict:
+def write_summary(cfg: DictConfig, trainer: "L.Trainer", metrics: dict[str, float], wall_time: float) -> dict:
     zeroshot = {name.split("/")[1]: value for name, value in metrics.items() if name.endswith("/zeroshot_top1")}
     # the headline is the end-of-training evaluation's, not that of a learning curve evaluated beside it
     evaluated = [name for name in (cfg.get("evaluation") or {}).get("datasets", {}) if name in zeroshot]
