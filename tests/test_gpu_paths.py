@@ -18,21 +18,12 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from psdclip.callbacks.checkpointing import ResumableCheckpoint, rng_states
 from psdclip.training import train
+from tests.helpers.losses import EMA_OUTSCORED
 from tests.helpers.one_step import global_batch, make_module, one_step, train_steps
-from tests.helpers.processes import run_in_session
+from tests.helpers.processes import join_ranks_as, run_in_session
 from tests.test_scale_ddp import free_port
 
 WORLD, PER_RANK, STEPS = 2, 8, 3
-# the default rule with the EMA teacher at a constant alpha: the teacher's targets and D matter from the first step
-PSD_EMA = {
-    "alpha_max": 0.5,
-    "schedule": "constant",
-    "subset": "outscored",
-    "outscore_margin": 0.5,
-    "teacher": "ema",
-    "ema_decay": 0.9,
-    "scope": "batch",
-}
 # conf/trainer/ddp.yaml's DDP settings, over gloo
 GPU_DDP_SETTINGS = {"static_graph": True, "gradient_as_bucket_view": True, "find_unused_parameters": False}
 
@@ -42,18 +33,11 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    join_ranks_as(rank, WORLD, port)
     torch.set_num_threads(1)
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     result = train_steps(
-        make_module(PSD_EMA, micro_batches=2),
+        make_module(EMA_OUTSCORED, micro_batches=2),
         [(images[rows], texts[rows]) for images, texts in batches()],
         devices=WORLD,
         strategy=DDPStrategy(process_group_backend="gloo", **GPU_DDP_SETTINGS),
@@ -67,7 +51,7 @@ def test_micro_batches_under_static_graph_ddp_take_the_single_process_steps(tmp_
     batches at once. DDP's first static-graph iteration used to fail (reducer.cpp: expect_autograd_hooks_)."""
     mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     torch.set_num_threads(1)
-    reference = train_steps(make_module(PSD_EMA), batches(), devices=1)
+    reference = train_steps(make_module(EMA_OUTSCORED), batches(), devices=1)
     assert reference["distill"].sum() > 0 and reference["teacher"]
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
@@ -83,7 +67,7 @@ def test_micro_batches_under_static_graph_ddp_take_the_single_process_steps(tmp_
 def fp16_step(micro_batches: int) -> tuple[dict, float]:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    result = one_step(make_module(PSD_EMA, micro_batches=micro_batches), global_batch(16), plugins=[precision])
+    result = one_step(make_module(EMA_OUTSCORED, micro_batches=micro_batches), global_batch(16), plugins=[precision])
     return result, scaler.get_scale()
 
 
@@ -94,7 +78,7 @@ def test_fp16_micro_batches_scale_the_whole_backward_pass():
     torch.set_num_threads(1)
     whole, _ = fp16_step(1)
     pieces, scale = fp16_step(2)
-    exact = one_step(make_module(PSD_EMA), global_batch(16))
+    exact = one_step(make_module(EMA_OUTSCORED), global_batch(16))
     assert scale == 2.0**16  # no overflow: the step was taken, not skipped by the scaler
     for name, grad in exact["grads"].items():
         assert grad.abs().max() > 0, name

@@ -6,20 +6,10 @@ import torch
 
 from psdclip.run.cli import check_settings
 from tests.conftest import compose_config
+from tests.helpers.losses import EMA_OUTSCORED
 from tests.helpers.one_step import global_batch, make_module, one_step
 
 CLIP = {"alpha_max": 0.0, "schedule": "constant"}
-# the default rule (loss=psd) at a constant alpha: D = the pairs (at most half the batch) whose best candidate the EMA
-# teacher scores above their own partner by more than the margin (0.5 here: a random teacher leaves some out)
-PSD_DEFAULT = {
-    "alpha_max": 0.5,
-    "schedule": "constant",
-    "subset": "outscored",
-    "outscore_margin": 0.5,
-    "teacher": "ema",
-    "ema_decay": 0.9,
-    "scope": "batch",
-}
 BATCH = 16
 # (dtype, Lightning precision, tolerance); float64 checks the algebra, float32 what training runs
 PRECISIONS = {"float64": ("64-true", 1e-5), "float32": ("32-true", 1e-4)}
@@ -46,7 +36,7 @@ def assert_same_step(result: dict, reference: dict, tolerance: float) -> None:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("micro_batches", [2, 3])  # 3 does not divide 16: pieces of 6, 5 and 5 pairs
-@pytest.mark.parametrize("loss_kwargs", [CLIP, PSD_DEFAULT], ids=["clip", "psd-default"])
+@pytest.mark.parametrize("loss_kwargs", [CLIP, EMA_OUTSCORED], ids=["clip", "psd-default"])
 def test_micro_batches_take_the_whole_batch_step(loss_kwargs, micro_batches, precision):
     torch.set_num_threads(1)
     lightning_precision, tolerance = PRECISIONS[precision]
@@ -54,7 +44,7 @@ def test_micro_batches_take_the_whole_batch_step(loss_kwargs, micro_batches, pre
     reference = one_step(make_module(loss_kwargs), batch, precision=lightning_precision)
     result = one_step(make_module(loss_kwargs, micro_batches=micro_batches), batch, precision=lightning_precision)
     assert reference["grads"]["logit_scale"].dtype == getattr(torch, precision)
-    if loss_kwargs is PSD_DEFAULT:
+    if loss_kwargs is EMA_OUTSCORED:
         assert 0 < reference["distill"].sum() <= BATCH // 2 and reference["teacher"]
     assert_same_step(result, reference, tolerance)
 

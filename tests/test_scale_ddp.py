@@ -7,24 +7,15 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
+from tests.helpers.losses import EMA_OUTSCORED
 from tests.helpers.one_step import global_batch as batch_of
 from tests.helpers.one_step import make_module, one_step
-from tests.helpers.processes import free_port
+from tests.helpers.processes import free_port, join_ranks_as
 
 WORLD, PER_RANK = 2, 8
 RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
 DOUBT = {"subset": "doubt", "scope": "batch"}  # D = the pairs the teacher doubts most
 EMA_DOUBT = dict(alpha_max=0.5, schedule="constant", teacher="ema", ema_decay=0.9, **DOUBT)
-# the default rule: D = the pairs the teacher confidently places elsewhere (margin 0.5: a random teacher leaves some out)
-EMA_OUTSCORED = {
-    "alpha_max": 0.5,
-    "schedule": "constant",
-    "teacher": "ema",
-    "ema_decay": 0.9,
-    "subset": "outscored",
-    "scope": "batch",
-    "outscore_margin": 0.5,
-}
 CASES = [  # (loss settings, local_loss, micro_batches per rank)
     ({"alpha_max": 0.0, "schedule": "constant"}, False, 1),
     ({"alpha_max": 0.0, "schedule": "constant"}, True, 1),
@@ -68,14 +59,7 @@ def global_batch() -> tuple[torch.Tensor, ...]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    join_ranks_as(rank, WORLD, port)
     torch.set_num_threads(1)
     batch = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)

@@ -51,6 +51,20 @@ def planted_batch(n=16, corrupted=(2, 5, 11), dim=32, seed=0):
     return image, F.normalize(text, dim=-1)
 
 
+# the default rule with the EMA teacher at a constant alpha: D = the pairs (at most half the batch) whose best
+# candidate the teacher scores above their own partner by more than the margin (0.5: a random teacher leaves some
+# out), so the teacher's targets and D matter from the first step
+EMA_OUTSCORED = {
+    "alpha_max": 0.5,
+    "schedule": "constant",
+    "subset": "outscored",
+    "outscore_margin": 0.5,
+    "teacher": "ema",
+    "ema_decay": 0.9,
+    "scope": "batch",
+}
+
+
 def from_settings(
     subset="outscored",
     teacher="ema",

@@ -56,6 +56,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def join_ranks_as(rank: int, world_size: int, port: int) -> None:
+    """This process's environment as a launcher sets it for rank ``rank`` of ``world_size`` on this host (a
+    ``torch.multiprocessing`` worker then joins the process group like a separately started rank)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+
+
 class Child:
     """A subprocess in its own session whose merged output is read line by line in the background."""
 
