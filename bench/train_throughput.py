@@ -5,7 +5,7 @@ JPEG shards, per-device batch, precision, workers and AdamW, in alternating roun
     python -m bench.train_throughput --model vit_b32 --precision bf16 --batch-size 256 --workers 8   # one GPU
 
 Each round runs, each in a fresh process and in a rotating order: open_clip, psdclip ``loss=clip``, the default
-``loss=psd`` (EMA teacher) and PSD with ``loss.teacher=self``, both distilling from the first step
+``loss=psd`` (EMA teacher) and PSD with ``teacher=self``, both distilling from the first step
 (``loss.schedule=constant``, so the teacher runs in every timed step). psdclip applies TF32 and cuDNN autotuning on a
 GPU (``cuda:`` in conf/train.yaml), as open_clip's trainer does. A global optimiser-step hook, installed the same way
 in both trainers, times the steps after ``--warmup`` steps: start-up, worker spawn and the first steps are left out.
@@ -39,7 +39,7 @@ PSD_FROM_STEP_0 = ["loss.schedule=constant"]
 PSDCLIP_VARIANTS = {
     "psdclip clip": ["loss=clip"],
     "psdclip psd": PSD_FROM_STEP_0,
-    "psdclip psd self": [*PSD_FROM_STEP_0, "loss.teacher=self"],
+    "psdclip psd self": [*PSD_FROM_STEP_0, "teacher=self"],
 }
 
 
