@@ -77,14 +77,18 @@ class PairMemory(nn.Module):
     def quantile_of_planted(self, quantile: float, min_sightings: int) -> Tensor:
         """The ``quantile`` of the threshold pairs' averages (those seen ``min_sightings`` times), by rank; NaN when
         there are none. Sorts the table, with no host sync."""
-        valid = self.planted & (self.sightings >= min_sightings)
+        valid = self.seen(min_sightings, planted=True)
         ordered = torch.where(valid, self.scores.float(), torch.inf).sort().values
         count = valid.sum()
         index = (quantile * (count - 1).clamp(min=0)).floor().long()
         return torch.where(count > 0, ordered.gather(0, index.view(1)).squeeze(0), torch.nan)
 
-    def share_above(self, threshold: Tensor, min_sightings: int) -> Tensor:
-        """The share of the data's own pairs (threshold pairs left out) seen ``min_sightings`` times whose average is
-        above ``threshold``; NaN when there are none."""
-        valid = ~self.planted & (self.sightings >= min_sightings)
+    def share_above(self, threshold: Tensor, min_sightings: int, planted: bool = False) -> Tensor:
+        """The share of the data's own pairs (with ``planted``: of the threshold pairs) seen ``min_sightings`` times
+        whose average is above ``threshold``; NaN when there are none."""
+        valid = self.seen(min_sightings, planted)
         return ((self.scores.float() > threshold) & valid).sum() / valid.sum()
+
+    def seen(self, min_sightings: int, planted: bool) -> Tensor:
+        """Mask of the threshold pairs (``planted``) or the data's own pairs seen ``min_sightings`` times."""
+        return (self.planted == planted) & (self.sightings >= min_sightings)

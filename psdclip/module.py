@@ -102,7 +102,8 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
             self.quality = None
         for name, value in self.loss.subset.epoch_statistics().items():
             if torch.isfinite(value):
-                self.log(f"train/{name}", value.float())
+                # the estimate of the data's noise also on the console's progress lines
+                self.log(f"train/{name}", value.float(), prog_bar=name == "noise_estimate")
 
     def alpha(self) -> float:
         return self.loss.schedule(self.global_step, self.trainer.estimated_stepping_batches)

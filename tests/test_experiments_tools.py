@@ -405,6 +405,52 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
     assert (tmp_path / "audit" / "suspects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fashion_mnist_dir, tmp_path):
+    """A short run with the memory rule (3 epochs of 320 pairs, 30% wrong captions); the audit then lists every
+    pair of the data with what the run remembered of it, and says what the run's last epoch logged."""
+    train(
+        train_cfg(
+            "loss=psd_memory",
+            "loss.subset.min_sightings=1",
+            "data.noise=0.3",
+            "trainer.max_epochs=3",
+            "callbacks.media=null",
+            "callbacks.evaluation=null",
+        )
+    )
+    cfg = compose_config(
+        [
+            f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+            "loss/subset@subset=memory",
+            "subset.min_sightings=1",
+            "data.noise=0.3",
+            "data.shard_size=100",
+            "batch_size=32",
+            *tiny_paths(fashion_mnist_dir, tmp_path),
+        ],
+        name="audit",
+    )
+    from psdclip.tools.audit import audit
+
+    report = audit(cfg, tmp_path / "audit")
+    table = pd.read_csv(tmp_path / "audit" / "memory.csv")
+    assert list(table.columns[:7]) == [
+        "shard",
+        "key",
+        "caption",
+        "remembered_gap",
+        "sightings",
+        "threshold_pair",
+        "flagged",
+    ]
+    assert len(table) == 320 and table["remembered_gap"].dropna().is_monotonic_decreasing
+    assert (table["sightings"] == 3).all() and table["threshold_pair"].any()
+    logged = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")["train/noise_estimate"].dropna()
+    assert report["memory"]["noise_estimate"] == pytest.approx(logged.iloc[-1], abs=1e-6)
+    assert report["memory"]["unseen_pairs"] == 0
+
+
 def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     from psdclip.models import load_clip_checkpoint as load_checkpoint
 

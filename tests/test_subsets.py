@@ -246,21 +246,36 @@ def test_the_fallback_takes_pairs_with_too_few_sightings_once_open():
 
 
 def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise():
-    """20 pairs a batch: pairs 0–9 clean (gap 0), 10–15 wrong (gap 3), 16–19 planted (gaps 2, 2.5, 3, 3.5). The
-    threshold is the planted pairs' 20th percentile (2, by rank), so D = the wrong and the planted pairs above it;
-    6 of the data's own 16 pairs are past it, and as a wrong pair is past it with probability 0.8 (as 3 of the
-    4 planted ones), the estimate of the share of wrong pairs is 6/16 / 0.8."""
+    """24 pairs a batch: 12 clean (gap 0), 8 wrong (gaps 2, 2.5, 3, 3.5, twice), 4 planted, wrong in the same way
+    (2, 2.5, 3, 3.5). D's cut-off is the planted pairs' 20th percentile (2, by rank), so D = the wrong and planted
+    pairs above it. The planted median is 2.5: half the planted pairs are past it, and 4 of the data's own 20, so
+    the estimate of the wrong share is (4/20) / (2/4) = 0.4 = 8/20, with a standard error of 0.4·√(0.5/(0.5·4))."""
     rule = memory_rule(quantile=0.2, min_sightings=2)
-    gaps = [0.0] * 10 + [3.0] * 6 + [2.0, 2.5, 3.0, 3.5]
+    gaps = [0.0] * 12 + [2.0, 2.5, 3.0, 3.5] * 2 + [2.0, 2.5, 3.0, 3.5]
+    planted = [False] * 20 + [True] * 4
+    for step in range(3):
+        chosen = rule(gap_query(gaps, list(range(24)), step=step, alpha=0.9, planted=planted)).chosen
+    assert rule.threshold.item() == pytest.approx(2.0)
+    assert torch.nonzero(chosen).flatten().tolist() == [13, 14, 15, 17, 18, 19, 21, 22, 23]
+    statistics = rule.epoch_statistics()
+    assert statistics["flagged_share"].item() == pytest.approx(6 / 20)
+    assert statistics["noise_estimate"].item() == pytest.approx(8 / 20)
+    assert statistics["noise_estimate_se"].item() == pytest.approx(0.4 * 0.5)
+    assert statistics["memory_collisions"] == 0
+
+
+def test_the_calibrated_threshold_never_drops_below_the_margin():
+    """Early in training the teacher cannot tell the planted pairs yet: their gaps (0.2, 0.3, 0.4, 0.5) are no
+    larger than the clean pairs' (0.25). Their 20th percentile (0.2) would flag every pair, so D's cut-off stays at
+    the margin (1) and D stays empty; the estimate reads the planted median (0.3), past which no own pair lies."""
+    rule = memory_rule(quantile=0.2, min_sightings=2, margin=1.0)
+    gaps = [0.25] * 16 + [0.2, 0.3, 0.4, 0.5]
     planted = [False] * 16 + [True] * 4
     for step in range(3):
         chosen = rule(gap_query(gaps, list(range(20)), step=step, alpha=0.9, planted=planted)).chosen
-    assert rule.threshold.item() == pytest.approx(2.0)
-    assert torch.nonzero(chosen).flatten().tolist() == list(range(10, 16)) + [17, 18, 19]
+    assert rule.threshold.item() == pytest.approx(1.0) and not chosen.any()
     statistics = rule.epoch_statistics()
-    assert statistics["flagged_share"].item() == pytest.approx(6 / 16)
-    assert statistics["noise_estimate"].item() == pytest.approx(6 / 16 / 0.8)
-    assert statistics["memory_collisions"] == 0
+    assert statistics["flagged_share"].item() == 0.0 and statistics["noise_estimate"].item() == 0.0
 
 
 def test_alpha_caps_the_memory_rule_s_subset_most_suspect_first():

@@ -35,6 +35,9 @@ from psdclip.data.samples import (
 from psdclip.data.sources import Shard
 
 HASH_MASK = (1 << 63) - 1  # hashed identities are non-negative int64
+# captions the threshold pairs take theirs from: the shards' first readable captions, the same pool in every worker,
+# rank and epoch, so that a threshold pair is wrong in the same way every time it is seen, as a real wrong caption is
+DONOR_POOL = 1024
 # a stream that skips this many samples in a row is not web noise but wrong settings or unreadable data
 MAX_CONSECUTIVE_SKIPS = 10_000
 
@@ -55,7 +58,9 @@ class PairIds:
 
     A seeded ``threshold_share`` of the pairs are threshold pairs (``planted``): in training they are given another
     pair's caption on purpose, so that a subset rule can calibrate its cut-off on pairs known to be wrong
-    (``psdclip.subsets.MemorySubset``). Drawn from the identity and the seed, never from the stream's order.
+    (``psdclip.subsets.MemorySubset``). Which pairs, and which donor caption each takes, are drawn from the identity
+    and the seed, never from the stream's order: a caption that changed every epoch could never be memorised, and
+    would make the threshold pairs easier to tell than real wrong captions.
     """
 
     def __init__(self, urls: list[str], listed_sizes: list[int | None], seed: int, threshold_share: float):
@@ -73,11 +78,14 @@ class PairIds:
         digest = hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & HASH_MASK
 
-    def planted(self, pair_id: int) -> bool:
-        if not self.threshold_share:
-            return False
-        digest = hashlib.blake2b(f"{self.seed}\0{pair_id}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") < self.threshold_share * 2**64
+    def donor(self, pair_id: int, pool: int) -> int | None:
+        """The place in a donor pool of ``pool`` captions of the caption a threshold pair takes; None: not one."""
+        if not self.threshold_share or not pool:
+            return None
+        digest = hashlib.blake2b(f"{self.seed}\0{pair_id}".encode(), digest_size=16).digest()
+        if int.from_bytes(digest[:8], "little") >= self.threshold_share * 2**64:
+            return None
+        return int.from_bytes(digest[8:], "little") % pool
 
 
 def distinct_batches(items: Iterator[Decoded], batch_size: int) -> Iterator[list[Decoded]]:
@@ -171,6 +179,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.resampled = shuffle, shuffle_buffer, resampled
         self.image_keys, self.text_key = image_keys(image_key), text_key
         self.batches = plan.batches_per_rank(num_samples, batch_size, world_size)
+        self.donors: list[str] | None = None  # read by each worker process when it first plants a threshold pair
         # the loader sets this before each epoch; shared with worker processes, so persistent workers see it too
         self.epoch = multiprocessing.Value("i", epoch)
 
@@ -216,9 +225,16 @@ class ShardStream(IterableDataset):
         ranges = plan.refill_ranges(
             used, self.available, (start, quota), self.world_size * workers, self.rank * workers + worker
         )
-        spare_pieces = [piece for begin, length in ranges for piece in plan.segments(order, self.sizes, begin, length)]
+        shift = plan.epoch_shift(used, self.available, epoch)
+        spare_pieces = [
+            piece for begin, length in ranges for piece in plan.segments(order, self.sizes, shift + begin, length)
+        ]
         own = read_segments(
-            self.urls, self.listed_sizes, plan.segments(order, self.sizes, start, quota), counter.add, self.retries
+            self.urls,
+            self.listed_sizes,
+            plan.segments(order, self.sizes, shift + start, quota),
+            counter.add,
+            self.retries,
         )
         spare = read_segments(self.urls, self.listed_sizes, spare_pieces, ignore, self.retries)
         return own, spare
@@ -238,9 +254,9 @@ class ShardStream(IterableDataset):
 
     def _decode(self, samples: Iterator[dict], counter: SkipCounter, refill: bool = False) -> Iterator[Decoded]:
         """Decoded samples; skips are counted by the reader that owns the sample (a refill's owner counted it).
-        A threshold pair takes the caption of the pair decoded before it (and so is left out of the noise marks)."""
+        A threshold pair takes its donor caption (``threshold_caption``) and is left out of the noise marks."""
         report = ignore if refill else counter.add
-        in_a_row, previous_caption = 0, None
+        in_a_row = 0
         for sample in samples:
             if (sample["__url__"], sample["__key__"]) in self.excluded:
                 report("excluded", sample["__url__"])
@@ -263,13 +279,40 @@ class ShardStream(IterableDataset):
                 continue
             in_a_row = 0
             pair_id = self.pair_ids.of(sample["__url__"], sample["__key__"], sample["__index__"])
-            planted = previous_caption is not None and self.pair_ids.planted(pair_id)
-            own_caption, mark = caption, noise_mark(sample)
+            mark, donor = noise_mark(sample), self.threshold_caption(pair_id, caption)
+            planted = donor is not None
             if planted:
-                caption, mark = previous_caption, -1
-            previous_caption = own_caption
+                caption, mark = donor, -1
             key = (sample["__url__"], sample["__key__"])
             yield Decoded(image, caption, mark, key, refill, pair_id, planted)
+
+    def threshold_caption(self, pair_id: int, own: str) -> str | None:
+        """The wrong caption a threshold pair is given, the same in every epoch: its seeded place in the donor pool,
+        or the next pool caption that differs from its own; None for any other pair."""
+        if not self.pair_ids.threshold_share:
+            return None
+        if self.donors is None:
+            self.donors = self.donor_pool()
+        place = self.pair_ids.donor(pair_id, len(self.donors))
+        if place is None:
+            return None
+        pool = len(self.donors)
+        others = (self.donors[(place + offset) % pool] for offset in range(pool))
+        return next((caption for caption in others if caption != own), None)
+
+    def donor_pool(self) -> list[str]:
+        """The first ``DONOR_POOL`` readable captions of the shards in listed order (skips are counted where the
+        training stream reads them); a remote dataset pays one partial read of its first shard per worker."""
+        pool: list[str] = []
+        for url, listed in zip(self.urls, self.listed_sizes):
+            for sample in shard_samples(url, 0, DONOR_POOL - len(pool), ignore, listed, self.retries):
+                try:
+                    pool.append(caption_of(sample, self.text_key))
+                except BadSample:
+                    continue
+            if len(pool) >= DONOR_POOL:
+                break
+        return pool
 
 
 def noise_mark(sample: dict) -> int:

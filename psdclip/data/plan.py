@@ -1,11 +1,11 @@
 """Which samples each rank and data worker reads in an epoch — pure arithmetic on shard sizes, identical on every rank.
 
 An epoch without resampling is one sequence of sample positions: the shards in an order shuffled by (seed, epoch),
-each source's shards repeated ``upsample`` times. Of ``num_samples`` positions every rank takes
-``K = num_samples // (world_size * batch_size)`` full batches as one contiguous stretch, which it shares among its
-workers in contiguous slices of whole batches. So every rank yields exactly K batches, no position is read twice by
-the stretches, and the ``num_samples mod (world_size * batch_size)`` positions at the end are left for this epoch
-(they fall elsewhere in the next one).
+each source's shards repeated ``upsample`` times, read from where the previous epoch stopped (``epoch_shift``). Of
+``num_samples`` positions every rank takes ``K = num_samples // (world_size * batch_size)`` full batches as one
+contiguous stretch, which it shares among its workers in contiguous slices of whole batches. So every rank yields
+exactly K batches, no position is read twice by the stretches, and the positions the epoch leaves unread move on
+with the next one: a sample is never left out of every epoch, even in a single shard.
 
 A worker replaces each unreadable sample (``refilled``) from, in order: its own share of the positions no stretch
 uses, the other workers' shares, then (only when the epoch leaves too few unused positions) its own stretch again,
@@ -41,6 +41,11 @@ def epoch_order(sizes: list[int], repeats: list[int], seed: int, epoch: int, shu
     if shuffle:
         rng_for(seed, epoch).shuffle(order)
     return order
+
+
+def epoch_shift(used: int, available: int, epoch: int) -> int:
+    """Where epoch ``epoch`` starts reading: each epoch of ``used`` positions continues where the previous stopped."""
+    return epoch * used % available if available else 0
 
 
 def segments(order: list[int], sizes: list[int], start: int, length: int) -> list[Segment]:

@@ -37,6 +37,7 @@ def write_summary(cfg: DictConfig, trainer: "L.Trainer", metrics: dict[str, floa
         "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
         # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
         "noise_estimate": metrics.get("train/noise_estimate"),
+        "noise_estimate_se": metrics.get("train/noise_estimate_se"),
         "wall_time_s": round(wall_time, 1),
         "steps": trainer.global_step,
         "metrics": metrics,

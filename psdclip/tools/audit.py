@@ -213,7 +213,7 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
         "batch_size": cfg.batch_size,
         "fraction": cfg.fraction,
         **quality(frame),
-        **({"memory": memory_summary(memory)} if memory is not None else {}),
+        **({"memory": memory_summary(memory, rule)} if memory is not None else {}),
         "skipped": dict(stream.skipped),
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=1))
@@ -230,17 +230,19 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
 def remembered_pairs(ckpt: str, datamodule, stream: PairStream, rule: MemorySubset) -> pd.DataFrame | None:
     """The checkpoint's pair memory as a table of the data's pairs: shard, key, caption, remembered gap, sightings,
     threshold pair, flagged (seen ``min_sightings`` times and past the run's threshold), most suspect first. None
-    when the run kept no memory."""
+    when the run kept no memory. Loads the memory and threshold into ``rule``, so that it can say what it learnt."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     prefix = "loss.subset."
     if f"{prefix}memory.scores" not in state:
         log.warning("%s holds no pair memory (trained with another subset rule): no memory.csv", ckpt)
         return None
+    rule.memory.allocate(len(state[f"{prefix}memory.scores"]))
+    rule.load_state_dict({name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)})
     min_sightings = rule.min_sightings
     shards = datamodule.resolved_shards
     ids = PairIds([s.url for s in shards], [s.size if s.listed else None for s in shards], 0, 0.0)
-    scores, sightings = state[f"{prefix}memory.scores"].float(), state[f"{prefix}memory.sightings"].long()
-    planted, threshold = state[f"{prefix}memory.planted"], float(state[f"{prefix}threshold"])
+    scores, sightings = rule.memory.scores.float(), rule.memory.sightings.long()
+    planted, threshold = rule.memory.planted, float(rule.threshold)
     rows = []
     for pair in stream.pairs():
         slot = ids.of(pair["shard"], pair["key"], pair["index"]) % len(scores)
@@ -258,18 +260,18 @@ def remembered_pairs(ckpt: str, datamodule, stream: PairStream, rule: MemorySubs
             }
         )
     table = pd.DataFrame(rows).sort_values("remembered_gap", ascending=False, kind="stable", na_position="last")
-    table.attrs["threshold"] = threshold
     return table.reset_index(drop=True)
 
 
-def memory_summary(table: pd.DataFrame) -> dict:
-    """What the run's memory says of the data: the share flagged among the data's own pairs (its noise estimate),
-    and against known corruption, the flagged pairs' precision and recall."""
+def memory_summary(table: pd.DataFrame, rule: MemorySubset) -> dict:
+    """What the run's memory says of the data: the rule's own noise estimate and cut-off (as training logged them),
+    how many of the data's pairs the table holds, and against known corruption, the flagged pairs' precision and
+    recall."""
     own = table[~table["threshold_pair"] & (table["sightings"] > 0)]
     summary = {
-        "threshold": table.attrs.get("threshold"),
+        **{name: float(value) for name, value in rule.epoch_statistics().items()},
         "pairs": len(own),
-        "noise_estimate": float(own["flagged"].mean()),
+        "unseen_pairs": int((table["sightings"] == 0).sum()),
     }
     if "corrupted" in own and own["corrupted"].any():
         caught = (own["flagged"] & own["corrupted"]).sum()
