@@ -270,8 +270,8 @@ class MemorySubset(SubsetRule):
         the threshold pairs' share past it, estimates the wrong pairs' share (a mixture-proportion estimate from
         known-wrong samples, as AUM's threshold samples allow; the clean pairs past it make it an upper estimate,
         least so at the median, where they are fewer than at D's lower ``quantile``). ``noise_estimate_se``: its
-        standard error from the number of threshold pairs (binomial, about estimate/√n: ±0.07 at 0.4 with the
-        ~45 threshold pairs of 1,500 pairs, ±0.002 on CC12M). Without threshold pairs: the share past ``margin``,
+        standard error from the number of threshold pairs (binomial, about estimate/√n: ±0.06 at 0.4 with the
+        ~45 threshold pairs of 1,500 pairs, ±0.001 on CC12M). Without threshold pairs: the share past ``margin``,
         uncalibrated. ``flagged_share``: the share past D's cut-off ``noise_threshold``. ``memory_collisions``: pairs
         that landed on a slot another pair held (hashed identities only)."""
         flagged = self.memory.share_above(self.threshold, self.min_sightings)
