@@ -19,8 +19,9 @@ lint:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m ruff check .
 
+# the slowest tests listed at the end: CI is to stay well inside 20 minutes
 test: lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
