@@ -19,9 +19,10 @@ lint:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m ruff check .
 
-# the slowest tests listed at the end: CI is to stay well inside 20 minutes
+# two workers (most tests wait on one training subprocess at a time), the slowest tests listed at the end:
+# CI is to stay well inside 20 minutes
 test: lint
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -n 2 --durations=15
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"

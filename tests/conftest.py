@@ -1,16 +1,23 @@
 """Shared fixtures: tiny Fashion-MNIST-format idx files made here, and composed training configs."""
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from psdclip.run.cli import check_settings
+
+# under `pytest -n 2` each worker, and every training it starts, keeps to one core instead of both contending for two
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
