@@ -74,6 +74,9 @@ def test_offline_wandb_run_records_scalars_media_config_and_summary(train_cfg, t
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history |= item_keys(record.history.item)
+            # a run's summary is each key's last logged value unless set explicitly (as `wandb sync` rebuilds it);
+            # how much of it W&B also writes as summary records depends on when its writer flushes
+            summary.update({item.key: item.value_json for item in record.history.item if item.key})
         elif kind == "summary":
             summary.update({item.key: item.value_json for item in record.summary.update if item.key})
         elif kind == "config":
