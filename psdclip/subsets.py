@@ -90,6 +90,14 @@ def hard_weight(chosen: Tensor) -> Subset:
     return Subset(chosen, chosen.float())
 
 
+def ramped_weight(gap: Tensor, cut: Tensor | float, ramp: float, chosen: Tensor) -> Tensor:
+    """Each chosen pair's soft-target weight, rising linearly from 0 at ``cut`` to 1 at ``cut + ramp`` logits of
+    gap (1 at once when ``ramp`` is 0); 0 outside D."""
+    if not ramp:
+        return chosen.float()
+    return ((gap - cut) / ramp).clamp(0.0, 1.0) * chosen
+
+
 class SubsetRule(nn.Module):
     """Base of the rules: ``forward(query) -> Subset``; ``fit_data`` sizes per-pair state by the data before training
     (and before a checkpoint restores it); ``epoch_statistics`` what the rule learnt about the data (logged once per
@@ -176,9 +184,7 @@ class OutscoredSubset(SubsetRule):
         """D from per-pair gaps of the global batch: the largest first, so this keeps min(count, pairs past the
         margin) of them."""
         chosen = largest(gap, count) & (gap > self.margin)
-        if not self.ramp:
-            return hard_weight(chosen)
-        return Subset(chosen, ((gap - self.margin) / self.ramp).clamp(0.0, 1.0) * chosen)
+        return Subset(chosen, ramped_weight(gap, self.margin, self.ramp, chosen))
 
 
 class MemorySubset(SubsetRule):
@@ -220,8 +226,12 @@ class MemorySubset(SubsetRule):
         fallback_start: float,
         refresh_every: int,
         threshold_pairs: float,
+        ramp: float,
+        confirm: bool,
     ):
         super().__init__()
+        if ramp < 0:
+            raise ValueError(f"memory ramp must be >= 0, got {ramp}")
         if quantile is not None and not threshold_pairs:
             raise ValueError(
                 "a calibrated threshold (quantile) needs threshold pairs: set threshold_pairs > 0 or quantile=null"
@@ -234,7 +244,8 @@ class MemorySubset(SubsetRule):
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         self.memory, self.fallback = memory, fallback
         self.min_sightings, self.quantile, self.margin = min_sightings, quantile, margin
-        self.fallback_start, self.refresh_every = fallback_start, refresh_every
+        self.fallback_start, self.refresh_every, self.ramp = fallback_start, refresh_every, ramp
+        self.confirm = confirm
         # the calibrated cut-off, refreshed every few steps (it sorts the table); in the checkpoint, so a resumed run
         # chooses the same D
         self.register_buffer("threshold", torch.tensor(float(margin)))
@@ -258,10 +269,15 @@ class MemorySubset(SubsetRule):
         known = sightings >= self.min_sightings
         fallback = self.fallback.past_margin(gap, query.count)
         fallback_open = gap.new_full((), query.step) >= step_of(self.fallback_start, query.total_steps)
-        flagged = torch.where(known, remembered > self.threshold, fallback.chosen & fallback_open)
+        batch_flags = fallback.chosen & fallback_open
+        remembered_flags = remembered > self.threshold
+        if self.confirm:
+            remembered_flags = remembered_flags & batch_flags
+        flagged = torch.where(known, remembered_flags, batch_flags)
         # the most suspect first when the cap binds: remembered gaps where known, the batch's gap otherwise
         chosen = largest(torch.where(flagged, torch.where(known, remembered, gap), -torch.inf), query.count) & flagged
-        return Subset(chosen, torch.where(known, chosen.float(), fallback.weight * chosen))
+        remembered_weight = ramped_weight(remembered, self.threshold, self.ramp, chosen)
+        return Subset(chosen, torch.where(known, remembered_weight, fallback.weight * chosen))
 
     def epoch_statistics(self) -> dict[str, Tensor]:
         """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those

@@ -178,6 +178,8 @@ def memory_rule(slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5,
         fallback_start=fallback_start,
         refresh_every=settings.pop("refresh_every", 1),
         threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
+        ramp=settings.pop("ramp", 0.0),
+        confirm=settings.pop("confirm", False),
     )
 
 
@@ -285,9 +287,32 @@ def test_alpha_caps_the_memory_rule_s_subset_most_suspect_first():
     assert torch.nonzero(chosen).flatten().tolist() == [1, 3]
 
 
+def test_a_remembered_pair_s_weight_rises_over_the_ramp_past_the_threshold():
+    """Threshold 1, ramp 2: remembered gaps 1.5, 2, 3 and 5 give weights 0.25, 0.5, 1, 1; a pair at 0.5 is not in D;
+    a pair still on the fallback (seen too few times) keeps the fallback's weight (1, no ramp there)."""
+    rule = memory_rule(min_sightings=2, margin=1.0, fallback_start=0, ramp=2.0)
+    gaps = [1.5, 2.0, 3.0, 5.0, 0.5]
+    rule(gap_query(gaps, [0, 1, 2, 3, 4], step=0, alpha=0.9))
+    subset = rule(gap_query([*gaps, 3.0], [0, 1, 2, 3, 4, 5], step=1, alpha=0.9))
+    assert subset.chosen.tolist() == [True, True, True, True, False, True]
+    torch.testing.assert_close(subset.weight, torch.tensor([0.25, 0.5, 1.0, 1.0, 0.0, 1.0]))
+
+
+def test_with_confirm_a_remembered_pair_enters_d_only_where_this_batch_also_outscores_it():
+    """Pairs 0 and 1 are remembered past the threshold; in the deciding batch only pair 0 is outscored by more than
+    the fallback's margin (2): with confirm D = {0}, without it {0, 1}. Before the fallback opens, D stays empty."""
+    for confirm, opens, expected in ((False, 0, [True, True, False]), (True, 0, [True, False, False])) + (
+        (True, 0.9, [False, False, False]),
+    ):
+        rule = memory_rule(min_sightings=2, margin=1.0, confirm=confirm, fallback_start=opens)
+        rule(gap_query([4.0, 4.0, 0.0], [0, 1, 2], step=0, alpha=0.9))
+        assert rule(gap_query([4.0, 1.5, 0.0], [0, 1, 2], step=1, alpha=0.9)).chosen.tolist() == expected
+
+
 @pytest.mark.parametrize(
     "settings,message",
     [
+        ({"ramp": -1.0}, "memory ramp must be >= 0, got -1.0"),
         ({"min_sightings": 0}, "min_sightings must be >= 1"),
         ({"quantile": 1.5}, "quantile must be in"),
         ({"quantile": 0.2, "threshold_pairs": 0.0}, "needs threshold pairs"),
