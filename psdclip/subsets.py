@@ -200,6 +200,10 @@ class MemorySubset(SubsetRule):
     the single-batch ``outscored`` rule (``fallback``), which opens at ``fallback_start``: a one-pass run behaves as
     today's rule.
 
+    A remembered pair's soft-target weight rises over ``ramp`` logits past the threshold: a clean pair flagged just
+    past it keeps most of its one-hot target, so it is still learnt, its gap falls and it leaves D. Fully distilled,
+    it would be pushed towards the teacher's wrong belief, keep its gap and stay in D (a self-confirming loop).
+
     Args:
         memory: the per-pair table.
         fallback: the single-batch rule for pairs with too few sightings.
@@ -212,6 +216,8 @@ class MemorySubset(SubsetRule):
         fallback_start: when the fallback rule starts taking pairs, a step (int) or a fraction of the training
             (float): today's rule opens half-way; the memory's pairs may enter D from the first step.
         refresh_every: steps between two calibrations of the threshold.
+        ramp: the remembered gap past the threshold, in logits, over which a pair's weight rises from 0 to 1; 0: full
+            weight at once.
     """
 
     name = "memory"
@@ -227,7 +233,6 @@ class MemorySubset(SubsetRule):
         refresh_every: int,
         threshold_pairs: float,
         ramp: float,
-        confirm: bool,
     ):
         super().__init__()
         if ramp < 0:
@@ -245,7 +250,6 @@ class MemorySubset(SubsetRule):
         self.memory, self.fallback = memory, fallback
         self.min_sightings, self.quantile, self.margin = min_sightings, quantile, margin
         self.fallback_start, self.refresh_every, self.ramp = fallback_start, refresh_every, ramp
-        self.confirm = confirm
         # the calibrated cut-off, refreshed every few steps (it sorts the table); in the checkpoint, so a resumed run
         # chooses the same D
         self.register_buffer("threshold", torch.tensor(float(margin)))
@@ -269,11 +273,7 @@ class MemorySubset(SubsetRule):
         known = sightings >= self.min_sightings
         fallback = self.fallback.past_margin(gap, query.count)
         fallback_open = gap.new_full((), query.step) >= step_of(self.fallback_start, query.total_steps)
-        batch_flags = fallback.chosen & fallback_open
-        remembered_flags = remembered > self.threshold
-        if self.confirm:
-            remembered_flags = remembered_flags & batch_flags
-        flagged = torch.where(known, remembered_flags, batch_flags)
+        flagged = torch.where(known, remembered > self.threshold, fallback.chosen & fallback_open)
         # the most suspect first when the cap binds: remembered gaps where known, the batch's gap otherwise
         chosen = largest(torch.where(flagged, torch.where(known, remembered, gap), -torch.inf), query.count) & flagged
         remembered_weight = ramped_weight(remembered, self.threshold, self.ramp, chosen)
@@ -292,20 +292,19 @@ class MemorySubset(SubsetRule):
         that landed on a slot another pair held (hashed identities only)."""
         flagged = self.memory.share_above(self.threshold, self.min_sightings)
         statistics = {
-            "noise_estimate": flagged,
             "flagged_share": flagged,
             "noise_threshold": self.threshold.clone(),
             "memory_collisions": self.memory.collisions.float(),
         }
-        if self.quantile is not None:
-            median = self.memory.quantile_of_planted(0.5, self.min_sightings)
-            past = self.memory.share_above(median, self.min_sightings)
-            planted_past = self.memory.share_above(median, self.min_sightings, planted=True)
-            estimate = (past / planted_past).clamp(max=1.0)
-            planted = self.memory.seen(self.min_sightings, planted=True).sum()
-            statistics["noise_estimate"] = estimate
-            statistics["noise_estimate_se"] = estimate * ((1 - planted_past) / (planted_past * planted)).sqrt()
-        return statistics
+        if self.quantile is None:
+            return {**statistics, "noise_estimate": flagged}
+        median = self.memory.quantile_of_planted(0.5, self.min_sightings)
+        past = self.memory.share_above(median, self.min_sightings)
+        planted_past = self.memory.share_above(median, self.min_sightings, planted=True)
+        estimate = (past / planted_past).clamp(max=1.0)
+        planted = self.memory.seen(self.min_sightings, planted=True).sum()
+        standard_error = estimate * ((1 - planted_past) / (planted_past * planted)).sqrt()
+        return {**statistics, "noise_estimate": estimate, "noise_estimate_se": standard_error}
 
 
 # the registry: each rule by the name of its config (conf/loss/subset/<name>.yaml)

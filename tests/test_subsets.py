@@ -179,7 +179,6 @@ def memory_rule(slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5,
         refresh_every=settings.pop("refresh_every", 1),
         threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
         ramp=settings.pop("ramp", 0.0),
-        confirm=settings.pop("confirm", False),
     )
 
 
@@ -296,17 +295,6 @@ def test_a_remembered_pair_s_weight_rises_over_the_ramp_past_the_threshold():
     subset = rule(gap_query([*gaps, 3.0], [0, 1, 2, 3, 4, 5], step=1, alpha=0.9))
     assert subset.chosen.tolist() == [True, True, True, True, False, True]
     torch.testing.assert_close(subset.weight, torch.tensor([0.25, 0.5, 1.0, 1.0, 0.0, 1.0]))
-
-
-def test_with_confirm_a_remembered_pair_enters_d_only_where_this_batch_also_outscores_it():
-    """Pairs 0 and 1 are remembered past the threshold; in the deciding batch only pair 0 is outscored by more than
-    the fallback's margin (2): with confirm D = {0}, without it {0, 1}. Before the fallback opens, D stays empty."""
-    for confirm, opens, expected in ((False, 0, [True, True, False]), (True, 0, [True, False, False])) + (
-        (True, 0.9, [False, False, False]),
-    ):
-        rule = memory_rule(min_sightings=2, margin=1.0, confirm=confirm, fallback_start=opens)
-        rule(gap_query([4.0, 4.0, 0.0], [0, 1, 2], step=0, alpha=0.9))
-        assert rule(gap_query([4.0, 1.5, 0.0], [0, 1, 2], step=1, alpha=0.9)).chosen.tolist() == expected
 
 
 @pytest.mark.parametrize(

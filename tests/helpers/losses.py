@@ -95,7 +95,6 @@ def from_settings(
             refresh_every=1,
             threshold_pairs=0.0,
             ramp=0.0,
-            confirm=False,
         ),
     }[subset]()
     loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
