@@ -12,19 +12,23 @@ class EMATeacher(nn.Module):
     holds -inf, and -inf - -inf is NaN).
 
     A registered submodule, so its weights travel in the checkpoint; it never receives gradients. The first update
-    copies the student (as torch's ``AveragedModel`` does), each later one moves ``1 - decay`` of the way to it.
+    copies the student (as torch's ``AveragedModel`` does). With ``bias_correction`` the n-th update moves
+    ``(1 - decay) / (1 - decay^n)`` of the way to the student, so the teacher is the decay-weighted mean of the
+    weights the student has had (Adam's bias correction); a plain EMA moves ``1 - decay`` and keeps ``decay^n`` of the
+    random initial weights (37% after 100 updates at 0.99), so early in training its evidence is mostly noise.
 
     Args:
         model: the student, copied at construction.
         decay: the average's weight on its past.
+        bias_correction: weigh only the weights the student has had, not the initial copy (see above).
         compile: compile the copy's forward (a deep copy drops the student's compiled call).
     """
 
-    def __init__(self, model: nn.Module, decay: float, compile: bool):
+    def __init__(self, model: nn.Module, decay: float, bias_correction: bool, compile: bool):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"teacher.decay must be in (0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.bias_correction = decay, bias_correction
         self.model = copy.deepcopy(model).requires_grad_(False)
         if compile:
             self.model.compile()
@@ -33,8 +37,11 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        # lerp with weight 1 returns the end point exactly: the first update is a copy
-        weight = torch.where(self.updates == 0, 1.0, 1.0 - self.decay).to(torch.float32)
+        # lerp with weight 1 returns the end point exactly: the first update is a copy (1 - decay^1 = 1 - decay)
+        if self.bias_correction:
+            weight = ((1.0 - self.decay) / (1.0 - self.decay ** (self.updates + 1).double())).to(torch.float32)
+        else:
+            weight = torch.where(self.updates == 0, 1.0, 1.0 - self.decay).to(torch.float32)
         for average, current in zip(self.model.parameters(), model.parameters(), strict=True):
             average.lerp_(current.detach(), weight.to(average.device, average.dtype))
         for average, current in zip(self.model.buffers(), model.buffers(), strict=True):

@@ -98,22 +98,32 @@ def test_the_ema_teacher_runs_only_at_the_steps_whose_loss_reads_it():
     assert PSDCLIPModule(clip, *from_settings(alpha_max=0.0), **optim()).teacher is None  # CLIP never pays for one
 
 
-def test_the_ema_average_matches_torch_s_averaged_model():
-    """The teacher's update is torch's EMA (AveragedModel with get_ema_multi_avg_fn): a copy first, then lerps."""
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_the_ema_average_matches_torch_s_averaged_model(bias_correction):
+    """The teacher's update is torch's EMA (AveragedModel with get_ema_multi_avg_fn: a copy first, then lerps); with
+    bias correction the n-th update's step is (1 - decay) / (1 - decay^n), the decay-weighted mean of the weights
+    the student has had (checked against that mean, computed directly)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from psdclip.teacher import EMATeacher
 
-    student = torch.nn.Linear(3, 2)
-    ours, reference = (
-        EMATeacher(student, decay=0.9, compile=False),
-        AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False),
-    )
+    decay, student = 0.9, torch.nn.Linear(3, 2)
+    ours = EMATeacher(student, decay=decay, bias_correction=bias_correction, compile=False)
+    reference = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    history = []
     for step in range(4):
         with torch.no_grad():
             for param in student.parameters():
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(step)))
+        history.append([param.detach().clone() for param in student.parameters()])
         ours.update(student)
         reference.update_parameters(student)
-        for mine, theirs in zip(ours.model.parameters(), reference.module.parameters()):
-            assert torch.equal(mine, theirs)
+        for index, (mine, theirs) in enumerate(zip(ours.model.parameters(), reference.module.parameters())):
+            if not bias_correction:
+                assert torch.equal(mine, theirs)
+                continue
+            weights = [decay ** (step - seen) for seen in range(step + 1)]
+            mean = sum(w * past[index] for w, past in zip(weights, history)) / sum(weights)
+            torch.testing.assert_close(mine, mean)
+            if step > 0:  # the initial copy's share is gone, unlike the plain EMA's
+                assert not torch.allclose(mine, theirs)

@@ -69,6 +69,7 @@ def from_settings(
     subset="outscored",
     teacher="ema",
     ema_decay=0.99,
+    ema_bias_correction=True,
     outscore_margin=2.0,
     outscore_ramp=0.0,
     seed=0,
@@ -79,7 +80,7 @@ def from_settings(
     **settings,
 ):
     """A loss and teacher factory from one flat set of settings, as the configs spell them (``loss/subset``
-    name, ``teacher`` ema|self, ``teacher.decay``): the module tests' shorthand."""
+    name, ``teacher`` ema|self, ``teacher.decay``, ``teacher.bias_correction``): the module tests' shorthand."""
     rule = {
         "random": lambda: RandomSubset(seed=seed),
         "doubt": DoubtSubset,
@@ -100,4 +101,4 @@ def from_settings(
     loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
     if teacher == "self":
         return loss, None
-    return loss, functools.partial(EMATeacher, decay=ema_decay, compile=False)
+    return loss, functools.partial(EMATeacher, decay=ema_decay, bias_correction=ema_bias_correction, compile=False)
