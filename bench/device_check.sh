@@ -7,8 +7,9 @@
 #   bash bench/device_check.sh --cpu        # the same checks on CPU with the tiny model (tests/test_device_check.py)
 #
 # Runs train on generated Fashion-MNIST-format files under $DEVICE_CHECK_DIR (default: a new temporary folder).
-# DEVICE_CHECK_SKIP="compile bench" skips checks by id (printed SKIP). Exits non-zero when a check fails; a failing
-# check prints its log's tail.
+# DEVICE_CHECK_SKIP="compile bench" skips checks by id (printed SKIP); DEVICE_CHECK_ONLY="compile syncs" runs only
+# those (install and device always run). Each PASS line ends with the check's seconds, to plan the next lease by. Exits
+# non-zero when a check fails; a failing check prints its log's tail.
 # shellcheck disable=SC2317  # the check functions run through check(), which shellcheck cannot follow
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,8 @@ if [[ $mode == gpu ]]; then
   steps=5 batch=64 workers=2 # 2 workers share the 4 training shards evenly
   single=(trainer=gpu model=vit_b32)
   ddp=(trainer=ddp trainer.devices=1 model=vit_b32)
-  bench=(--model vit_b32 --precision bf16 --batch-size 256 --workers 8)
+  # one round: four trainers' start-ups did not fit 180 s on the first H200 lease (docs/device_runs.md)
+  bench=(--model vit_b32 --precision bf16 --batch-size 256 --workers 8 --rounds 1)
 else
   steps=3 batch=16 workers=0
   single=(trainer=cpu model=vit_tiny)
@@ -61,13 +63,18 @@ no_evaluation=("~callbacks.evaluation")
 # the EMA teacher's targets from the first step (alpha > 0 throughout), as the throughput bench times it
 psd_from_start=(loss=psd loss.schedule=constant)
 
-# check ID NAME [--show N] COMMAND...: runs COMMAND, its output to a log; PASS with the log's last line (and its
-# "  >" detail lines, or its last N lines with --show), or FAIL with the log's tail; SKIP when DEVICE_CHECK_SKIP names ID
+# check ID NAME [--show N] COMMAND...: runs COMMAND, its output to a log; PASS with the log's last line and the
+# seconds it took (and its "  >" detail lines, or its last N lines with --show), or FAIL with the log's tail; SKIP
+# when DEVICE_CHECK_SKIP names ID, or DEVICE_CHECK_ONLY does not (install and device are prerequisites: never skipped)
 check() {
-  local id=$1 name=$2 show=1 log
+  local id=$1 name=$2 show=1 log started
   shift 2
   if [[ " ${DEVICE_CHECK_SKIP:-} " == *" $id "* ]]; then
     echo "SKIP $name (DEVICE_CHECK_SKIP)"
+    return
+  fi
+  if [[ -n ${DEVICE_CHECK_ONLY:-} && " install device $DEVICE_CHECK_ONLY " != *" $id "* ]]; then
+    echo "SKIP $name (not in DEVICE_CHECK_ONLY)"
     return
   fi
   if [[ $1 == --show ]]; then
@@ -75,12 +82,13 @@ check() {
     shift 2
   fi
   log="$work/$id.log"
+  started=$SECONDS
   if "$@" >"$log" 2>&1; then
-    echo "PASS $name: $(tail -n 1 "$log")"
+    echo "PASS $name: $(tail -n 1 "$log") [$((SECONDS - started)) s]"
     if ((show > 1)); then tail -n "$show" "$log" | head -n -1 | sed 's/^/    /'; fi
     grep '^  > ' "$log" | sed 's/^  > /    /' || true
   else
-    echo "FAIL $name (log: $log)"
+    echo "FAIL $name after $((SECONDS - started)) s (log: $log)"
     tail -n 40 "$log" | sed 's/^/    /'
     failed=$((failed + 1))
   fi

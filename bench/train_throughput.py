@@ -224,15 +224,23 @@ def main() -> None:
     memory: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        started = time.perf_counter()
         # one shard more than one epoch needs, so open_clip's per-worker shard split never runs dry
         pattern = make_shards(folder / "shards", -(-samples // per_shard) + args.workers, per_shard, args.image_size)
+        print(f"{samples} samples of generated shards in {time.perf_counter() - started:.0f} s", flush=True)
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate who goes first
             for name in order:
+                started = time.perf_counter()
                 outcome = run_once(name, args, pattern, samples, folder)
                 rates[name].append(outcome["samples_per_s"])
                 memory[name] = outcome["peak_memory_gib"]
-            print(f"round {round_ + 1}: " + "  ".join(f"{name} {rates[name][-1]:.1f}/s" for name in order), flush=True)
+                # as each run ends, so that a run cut off by a time limit still leaves its figures
+                print(
+                    f"round {round_ + 1}, {name}: {rates[name][-1]:.1f}/s "
+                    f"({time.perf_counter() - started:.0f} s with start-up)",
+                    flush=True,
+                )
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     peak = args.peak_tflops

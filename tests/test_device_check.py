@@ -26,12 +26,30 @@ def test_device_check_passes_every_check_on_cpu(tmp_path):
     # install, device, 9 training and verification checks, the bench; two skipped
     assert verdicts.count("PASS") == 11 and verdicts.count("SKIP") == 2, done.stdout
     assert re.search(
-        r"^PASS export, load in open_clip: open_clip loaded .* image features \(2, 128\)$", done.stdout, re.MULTILINE
+        r"^PASS export, load in open_clip: open_clip loaded .* image features \(2, 128\) \[\d+ s\]$",
+        done.stdout,
+        re.MULTILINE,
     )
     assert re.search(
-        r"^PASS throughput against open_clip's trainer: psd \(ema\) / clip +\d\.\d{3}$", done.stdout, re.MULTILINE
+        r"^PASS throughput against open_clip's trainer: psd \(ema\) / clip +\d\.\d{3} \[\d+ s\]$",
+        done.stdout,
+        re.MULTILINE,
     )
     assert "0 check(s) failed" in done.stdout
+
+
+def test_only_the_named_checks_run_besides_install_and_device(tmp_path):
+    done = run_in_session(
+        ["bash", "bench/device_check.sh", "--cpu"],
+        timeout=300,
+        env=checkout_env(DEVICE_CHECK_DIR=str(tmp_path), DEVICE_CHECK_ONLY="device"),
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    passed = re.findall(r"^PASS .* \[\d+ s\]$", done.stdout, flags=re.MULTILINE)
+    assert [line.split(":")[0] for line in passed] == ["PASS install", "PASS CUDA visible, driver version"], done.stdout
+    # 10 training and verification checks and the bench, none of them started
+    assert len(re.findall(r"^SKIP .* \(not in DEVICE_CHECK_ONLY\)$", done.stdout, flags=re.MULTILINE)) == 11
+    assert not (tmp_path / "runs").exists()
 
 
 def test_compile_check_counts_recompiles_and_graph_breaks(tmp_path):
