@@ -454,6 +454,16 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
     assert report["memory"]["unseen_pairs"] == 0
 
 
+def test_audit_says_how_to_choose_its_rule_when_given_a_bare_name(tmp_path):
+    """`subset=memory` replaces the rule's config with a string: the audit names the override that chooses one."""
+    from psdclip.tools.audit import audit
+
+    cfg = compose_config([f"ckpt={tmp_path / 'last.ckpt'}", "subset=memory"], name="audit")
+    with pytest.raises(TypeError, match="loss/subset@subset=memory, not subset=memory"):
+        audit(cfg, tmp_path / "audit")
+    assert not (tmp_path / "audit").exists()
+
+
 def test_audit_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     from psdclip.models import load_clip_checkpoint as load_checkpoint
 

@@ -6,7 +6,7 @@ The score is a subset rule's doubt (``subset``: a ``loss/subset`` config, ``outs
 ``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine / ``tau``) against the other
 pairs of the batch, e.g. how far the best candidate outscores the pair's own partner, averaged over the image→text
 and text→image directions. In each batch the pairs the rule would distil at alpha = ``fraction`` are flagged (its D).
-With ``subset=memory`` the batch score is its single-batch fallback's, and where the checkpoint holds the run's pair
+With ``loss/subset@subset=memory`` the batch score is its single-batch fallback's, and where the checkpoint holds the run's pair
 memory, ``memory.csv`` lists what training remembered of each pair (shard, key, caption, remembered gap,
 sightings, flagged by the run's own threshold), most suspect first: a table to read, sort and filter.
 
@@ -186,6 +186,8 @@ def image_grid(suspects: list[tuple[int, object]], rows: list[dict], path: Path)
 
 def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the audit that ``cfg`` (conf/audit.yaml) describes, writing into ``out_dir``; returns audit.json's content."""
+    if isinstance(cfg.subset, str):  # `subset=memory` replaces the rule's config instead of choosing one
+        raise TypeError(f"choose the audit's rule with loss/subset@subset={cfg.subset}, not subset={cfg.subset}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clip = load_clip_checkpoint(cfg.ckpt)
@@ -194,7 +196,9 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
     stream = PairStream([shard.url for shard in datamodule.resolved_shards], datamodule.image_key, datamodule.text_key)
     rule = instantiate(cfg.subset)
     if rule.name == "random":
-        raise ValueError("subset=random has no doubt score to audit with; use subset=outscored, doubt or memory")
+        raise ValueError(
+            "subset random has no doubt score to audit with; use loss/subset@subset=outscored, doubt or memory"
+        )
     memory = remembered_pairs(cfg.ckpt, datamodule, stream, rule) if isinstance(rule, MemorySubset) else None
     batch_rule = rule.fallback if isinstance(rule, MemorySubset) else rule
     auditor = Auditor(clip, batch_rule, cfg.tau, torch.device(cfg.device))
