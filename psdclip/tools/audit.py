@@ -6,8 +6,8 @@ The score is a subset rule's doubt (``subset``: a ``loss/subset`` config, ``outs
 ``batch_size`` pairs (the training batch), the model's logits (logit_scale × cosine / ``tau``) against the other
 pairs of the batch, e.g. how far the best candidate outscores the pair's own partner, averaged over the image→text
 and text→image directions. In each batch the pairs the rule would distil at alpha = ``fraction`` are flagged (its D).
-With ``loss/subset@subset=memory`` the batch score is its single-batch fallback's, and where the checkpoint holds the run's pair
-memory, ``memory.csv`` lists what training remembered of each pair (shard, key, caption, remembered gap,
+With ``loss/subset@subset=memory`` the batch score is its single-batch fallback's, and where the checkpoint holds the
+run's pair memory, ``memory.csv`` lists what training remembered of each pair (shard, key, caption, remembered gap,
 sightings, flagged by the run's own threshold), most suspect first: a table to read, sort and filter.
 
 Writes into the run folder: ``scores.csv`` (every pair, most suspect first: shard, key, caption, score, flagged, …),
