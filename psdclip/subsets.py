@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from psdclip.distributed import gather
 from psdclip.memory import PairMemory
+from psdclip.run.tables import read_flagged
 from psdclip.schedule import step_of
 
 
@@ -307,5 +308,55 @@ class MemorySubset(SubsetRule):
         return {**statistics, "noise_estimate": estimate, "noise_estimate_se": standard_error}
 
 
+class ListedSubset(SubsetRule):
+    """D = the pairs a list names, known from the first step: the pairs an earlier run's memory flagged (the audit's
+    ``memory.csv``), for a second training on the same data.
+
+    A run learns from a wrong caption from its first steps, before its own evidence can flag it; a retraining that is
+    given the list distils those pairs before anything is memorised. Each listed pair of a batch is fully distilled,
+    at most floor(alpha·N) of them, the most suspect first (the list's ``remembered_gap`` where it has one).
+
+    Args:
+        keys: a CSV with a ``pair_id`` column (the audit's ``memory.csv``): its flagged rows where it has a
+            ``flagged`` column, else every row. The identities are the data's (``psdclip.data``): list pairs from an
+            audit of the same shards.
+    """
+
+    name = "listed"
+
+    def __init__(self, keys: str):
+        super().__init__()
+        table = read_flagged(keys, "loss.subset.keys", ["pair_id"]).sort_values("pair_id")
+        if table["pair_id"].dtype.kind not in "iu":
+            raise ValueError(
+                f"loss.subset.keys={keys}: pair_id holds {table['pair_id'].dtype} values, not whole numbers"
+            )
+        listed = torch.tensor(table["pair_id"].to_numpy(), dtype=torch.int64)
+        scores = torch.zeros(len(listed))
+        if "remembered_gap" in table.columns:
+            scores = torch.tensor(table["remembered_gap"].fillna(0.0).to_numpy(), dtype=torch.float32)
+        self.keys = keys
+        # from the list, not learnt: left out of the checkpoint, so a resumed run reads the list again
+        self.register_buffer("listed", listed, persistent=False)
+        self.register_buffer("listed_scores", scores, persistent=False)
+
+    def fit_data(self, pair_space: int | None) -> None:
+        if pair_space is not None and len(self.listed) and int(self.listed[-1]) >= pair_space:
+            raise ValueError(
+                f"loss.subset.keys={self.keys} lists pair {int(self.listed[-1])}, but the data holds {pair_space} "
+                "pairs: list the pairs of an audit of these shards"
+            )
+
+    def forward(self, query: SubsetQuery) -> Subset:
+        if query.pair_ids is None:
+            raise ValueError("subset rule 'listed' needs each pair's identity: use a psdclip data module")
+        if not len(self.listed):
+            return hard_weight(torch.zeros(query.batch_size, dtype=torch.bool, device=query.labels.device))
+        place = torch.searchsorted(self.listed, query.pair_ids).clamp(max=len(self.listed) - 1)
+        listed = self.listed[place] == query.pair_ids
+        score = torch.where(listed, self.listed_scores[place], -torch.inf)
+        return hard_weight(largest(score, query.count) & listed)
+
+
 # the registry: each rule by the name of its config (conf/loss/subset/<name>.yaml)
-RULES = {rule.name: rule for rule in (RandomSubset, DoubtSubset, OutscoredSubset, MemorySubset)}
+RULES = {rule.name: rule for rule in (RandomSubset, DoubtSubset, OutscoredSubset, MemorySubset, ListedSubset)}

@@ -22,7 +22,7 @@ GROUPS = ["model", "evaluation", "data", "loss", "loss/subset", "teacher", "opti
 GROUPS += ["paths", "hydra"]
 GROUPS += ["experiment", "hparams_search", "debug"]
 PAPER_DATASETS = ("cc3m", "cc12m", "yfcc15m")
-USER_GIVEN = {"data.train_shards": "shards/", "model.name": "ViT-B-32"}
+USER_GIVEN = {"data.train_shards": "shards/", "model.name": "ViT-B-32", "loss.subset.keys": "memory.csv"}
 
 
 def options(group: str) -> list[str]:
@@ -51,13 +51,15 @@ def missing(node, prefix: str = "") -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(group, option) for group in GROUPS for option in options(group)])
-def test_every_option_of_every_group_composes(group, option):
+def test_every_option_of_every_group_composes(group, option, tmp_path, monkeypatch):
     cfg = compose_config([f"{group}={option}"])
     tree = OmegaConf.to_container(cfg, resolve=False)
-    # the only values a user must give: the shards of data=shards, the name of model=open_clip (hydra's own are set
-    # at run time)
+    # the only values a user must give: the shards of data=shards, the name of model=open_clip, the list of
+    # loss/subset=listed (hydra's own are set at run time)
     given = {key: USER_GIVEN[key] for key in missing(tree) if not key.startswith("hydra.")}
     assert set(given) <= set(USER_GIVEN)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "memory.csv").write_text("pair_id,flagged\n3,True\n")
     cfg = compose_config([f"{group}={option}", *(f"{key}={value}" for key, value in given.items())])
     assert tree["trainer"]["_target_"] == "lightning.pytorch.trainer.Trainer"
     # every class or function a config names exists (callbacks, loggers, evaluation sets, strategies, plugins, …)

@@ -332,6 +332,6 @@ def test_excluded_keys_are_left_out_counted_and_the_epoch_shrinks(fashion_mnist_
         seen |= set(batch[4].tolist())
     # the first shard's keys are the pairs' places in it: its dense identities
     assert excluded == 15 and not {int(key) for key in keys} & seen and len(seen) == excluding.num_samples() // 20 * 20
-    with pytest.raises(ValueError, match="needs 'shard' and 'key' columns"):
+    with pytest.raises(ValueError, match=r"data.exclude_keys=.*bad.csv needs the columns \['shard', 'key'\]"):
         pd.DataFrame({"id": [1]}).to_csv(tmp_path / "bad.csv", index=False)
         embedded_data(fashion_mnist_dir, tmp_path, **settings, exclude_keys=str(tmp_path / "bad.csv"))

@@ -370,6 +370,26 @@ def test_audit_quality_against_known_corruption():
     assert "auroc" not in quality(frame.drop(columns="corrupted"))
 
 
+def test_the_audit_never_flags_more_pairs_than_the_run_estimates_are_wrong():
+    from psdclip.tools.audit import at_most_the_estimate
+
+    # most suspect first; 8 of the data's own pairs seen 6 times, one seen once, one threshold pair
+    table = pd.DataFrame(
+        {
+            "remembered_gap": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.5, 1.0],
+            "sightings": [6, 6, 6, 6, 6, 6, 6, 6, 1, 6],
+            "threshold_pair": [False, True, False, False, False, False, False, False, False, False],
+            "flagged": [True, True, True, True, True, True, False, False, False, False],
+        }
+    )
+    # an estimate of 0.25 of the 8 pairs seen 6 times: the two most suspect of the data's own flagged pairs stay
+    capped = at_most_the_estimate(table.copy(), 0.25, min_sightings=6)
+    assert capped["flagged"].tolist() == [True, True, True] + [False] * 7
+    # an estimate above the flagged share changes nothing; so does none (no threshold pairs were seen)
+    assert at_most_the_estimate(table.copy(), 0.9, min_sightings=6).equals(table)
+    assert at_most_the_estimate(table.copy(), float("nan"), min_sightings=6).equals(table)
+
+
 @pytest.mark.slow
 def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_dir, tmp_path):
     # a tiny model learns the synthetic classes (a bright band per class) from clean captions …
@@ -438,9 +458,10 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
 
     report = audit(cfg, tmp_path / "audit")
     table = pd.read_csv(tmp_path / "audit" / "memory.csv")
-    assert list(table.columns[:7]) == [
+    assert list(table.columns[:8]) == [
         "shard",
         "key",
+        "pair_id",
         "caption",
         "remembered_gap",
         "sightings",
@@ -452,6 +473,26 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
     logged = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")["train/noise_estimate"].dropna()
     assert report["memory"]["noise_estimate"] == pytest.approx(logged.iloc[-1], abs=1e-6)
     assert report["memory"]["unseen_pairs"] == 0
+    own = ~table["threshold_pair"]
+    assert (table["flagged"] & own).sum() <= round(report["memory"]["noise_estimate"] * own.sum())
+    # a second training given the table distils exactly its flagged pairs (alpha high enough never to bind): D's
+    # precision and recall over an epoch, against the shards' marks, are the flagged rows'
+    retrain = train_cfg(
+        "loss=psd_listed",
+        f"loss.subset.keys={tmp_path / 'audit' / 'memory.csv'}",
+        "loss.alpha_max=0.99",
+        "data.noise=0.3",
+        "trainer.max_epochs=1",
+        "callbacks.media=null",
+        "callbacks.evaluation=null",
+    )
+    assert retrain.data.threshold_pairs == 0
+    (tmp_path / "run").rename(tmp_path / "first_run")  # the retraining's run folder is a new one
+    train(retrain)
+    epoch = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv").dropna(subset=["train/distill_recall_epoch"])
+    flagged, corrupted = table["flagged"], table["corrupted"]
+    assert epoch["train/distill_precision_epoch"].iloc[-1] == pytest.approx(corrupted[flagged].mean())
+    assert epoch["train/distill_recall_epoch"].iloc[-1] == pytest.approx(flagged[corrupted].mean())
 
 
 def test_audit_says_how_to_choose_its_rule_when_given_a_bare_name(tmp_path):
@@ -460,6 +501,18 @@ def test_audit_says_how_to_choose_its_rule_when_given_a_bare_name(tmp_path):
 
     cfg = compose_config([f"ckpt={tmp_path / 'last.ckpt'}", "subset=memory"], name="audit")
     with pytest.raises(TypeError, match="loss/subset@subset=memory, not subset=memory"):
+        audit(cfg, tmp_path / "audit")
+    assert not (tmp_path / "audit").exists()
+
+
+@pytest.mark.parametrize("rule", ["random", "listed"])
+def test_audit_refuses_a_rule_without_a_doubt_score_before_reading_anything(rule, tmp_path):
+    from psdclip.tools.audit import audit
+
+    (tmp_path / "memory.csv").write_text("pair_id,flagged\n3,True\n")
+    listed = [f"subset.keys={tmp_path / 'memory.csv'}"] if rule == "listed" else []
+    cfg = compose_config([f"ckpt={tmp_path / 'last.ckpt'}", f"loss/subset@subset={rule}", *listed], name="audit")
+    with pytest.raises(ValueError, match=f"subset {rule} has no doubt score to audit with"):
         audit(cfg, tmp_path / "audit")
     assert not (tmp_path / "audit").exists()
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from psdclip.memory import PairMemory
 from psdclip.subsets import (
     RULES,
+    ListedSubset,
     MemorySubset,
     OutscoredSubset,
     SubsetQuery,
@@ -317,3 +318,55 @@ def test_the_memory_rule_needs_pair_identities():
     query.pair_ids = None
     with pytest.raises(ValueError, match="needs each pair's identity"):
         memory_rule()(query)
+
+
+def listed_rule(tmp_path, rows: dict) -> ListedSubset:
+    """The rule over an audit-like table written to ``tmp_path``."""
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "memory.csv", index=False)
+    return ListedSubset(str(tmp_path / "memory.csv"))
+
+
+def test_the_listed_rule_distils_the_flagged_pairs_of_the_list_from_the_first_step(tmp_path):
+    # pairs 3, 42 and 5 are flagged, 7 is listed but not flagged, 99 is flagged but not in this batch
+    rule = listed_rule(
+        tmp_path,
+        {
+            "pair_id": [42, 7, 99, 3, 5],
+            "remembered_gap": [6.0, 5.0, 4.0, 2.0, 3.0],
+            "flagged": [True, False, True, True, True],
+        },
+    )
+    image, text = planted_batch(n=6, corrupted=())
+    pair_ids = torch.tensor([10, 3, 7, 42, 5, 11])
+    subset = rule(query_of(image, text, 0.5, pair_ids=pair_ids))
+    assert subset.chosen.tolist() == [False, True, False, True, True, False]
+    assert torch.equal(subset.weight, subset.chosen.float())
+    # the cap keeps the most suspect first: 42 (gap 6), then 5 (gap 3)
+    capped = rule(query_of(image, text, 2 / 6, pair_ids=pair_ids)).chosen
+    assert capped.tolist() == [False, False, False, True, True, False]
+
+
+def test_the_listed_rule_reads_every_row_of_a_plain_list_and_checks_it_against_the_data(tmp_path):
+    rule = listed_rule(tmp_path, {"pair_id": [4, 1]})
+    image, text = planted_batch(n=4, corrupted=())
+    assert rule(query_of(image, text, 1.0, pair_ids=torch.tensor([0, 1, 2, 3]))).chosen.tolist() == [0, 1, 0, 0]
+    rule.fit_data(5)  # pairs 0-4: the list fits
+    with pytest.raises(ValueError, match="lists pair 4, but the data holds 4 pairs"):
+        rule.fit_data(4)
+    rule.fit_data(None)  # hashed identities: nothing to check
+    query = query_of(image, text, 1.0)
+    with pytest.raises(ValueError, match="needs each pair's identity"):
+        rule(query)
+    nothing_flagged = listed_rule(tmp_path, {"pair_id": [1], "flagged": [False]})
+    assert not nothing_flagged(query_of(image, text, 1.0, pair_ids=torch.tensor([0, 1, 2, 3]))).chosen.any()
+
+
+def test_the_listed_rule_names_what_its_list_lacks(tmp_path):
+    with pytest.raises(ValueError, match=r"loss.subset.keys=.*memory.csv needs the columns \['pair_id'\]"):
+        listed_rule(tmp_path, {"shard": ["a.tar"], "key": ["000001"]})
+    with pytest.raises(ValueError, match="pair_id holds str values, not whole numbers"):
+        listed_rule(tmp_path, {"pair_id": ["7", "x"]})
+    with pytest.raises(FileNotFoundError, match="loss.subset.keys=nowhere.csv: no such file"):
+        ListedSubset("nowhere.csv")

@@ -12,6 +12,7 @@ from psdclip.data.plan import batches_per_rank
 from psdclip.data.samples import COUNTERS, Retries, SkipWarnings
 from psdclip.data.sources import Shard, ShardSource, parse_sources, resolve
 from psdclip.run.cli import check_setting
+from psdclip.run.tables import read_flagged
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +191,6 @@ class ShardDataModule(L.LightningDataModule):
 def read_excluded(path: str) -> frozenset[tuple[str, str]]:
     """The (shard, key) pairs of ``path`` (a CSV with ``shard`` and ``key`` columns; only the flagged rows where it
     has a ``flagged`` column)."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path, dtype={"key": str, "shard": str})
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"data.exclude_keys={path}: no such file (an audit's memory.csv or scores.csv)"
-        ) from None
-    if not {"shard", "key"} <= set(table.columns):
-        raise ValueError(f"data.exclude_keys={path} needs 'shard' and 'key' columns, found {list(table.columns)}")
-    if "flagged" in table.columns:
-        table = table[table["flagged"].astype(bool)]
+    table = read_flagged(path, "data.exclude_keys", ["shard", "key"])
     log.info("leaving out the %d pairs listed in %s", len(table), path)
     return frozenset(zip(table["shard"], table["key"], strict=True))
