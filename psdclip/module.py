@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from psdclip.loss import QUALITY_COUNTS, PSDLoss, PSDOutput
 from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, NormalizedEncoders
-from psdclip.teacher import EMATeacher
+from psdclip.teacher import Teacher
 
 # the key of the training step's output that carries the loss's PSDOutput to callbacks (the media callback)
 LOSS_OUTPUT = "psd"
@@ -37,8 +37,8 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
     Args:
         clip: the model with its preprocessing and tokenizer (from ``psdclip.models.create_clip``).
         loss: the PSD (or, with alpha_max=0, plain CLIP) loss.
-        teacher: builds the teacher from the student (``teacher=ema``: ``EMATeacher``), or None for the self
-            teacher (the student's own detached logits). Plain CLIP (alpha_max = 0) never builds one.
+        teacher: builds the teacher from the student (``teacher=ema``: ``EMATeacher``; ``teacher=frozen``: an earlier
+            run's model, ``FrozenTeacher``), or None for the self teacher (the student's own detached logits). Plain CLIP (alpha_max = 0) never builds one.
         optimizer: makes the optimiser from parameter groups (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``,
             what ``optim.optimizer`` instantiates); gains, biases, norms, scalars and ``logit_scale`` get no decay.
         scheduler: makes the LR schedule from the optimiser and the run's total steps (``optim.scheduler``).
@@ -51,7 +51,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         self,
         clip: CLIPBundle,
         loss: PSDLoss,
-        teacher: Callable[[nn.Module], EMATeacher] | None,
+        teacher: Callable[[nn.Module], Teacher] | None,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler],
         micro_batches: int,

@@ -1,13 +1,34 @@
-"""The momentum (EMA) teacher: a slowly averaged copy of the dual encoder that supplies soft targets. The training
-step (``psdclip.module``) builds it, runs it where the loss needs it and updates it after each optimiser step."""
+"""The teachers that supply soft targets: the momentum (EMA) teacher, a slowly averaged copy of the dual encoder, and
+a frozen teacher read from an earlier run's checkpoint. The training step (``psdclip.module``) builds one, runs it
+where the loss needs it and updates it after each optimiser step."""
 
 import copy
 
 import torch
 from torch import Tensor, nn
 
+from psdclip.models import read_checkpoint
 
-class EMATeacher(nn.Module):
+
+class Teacher(nn.Module):
+    """A no-grad copy of the dual encoder, a registered submodule (its weights travel in the checkpoint)."""
+
+    def __init__(self, model: nn.Module, compile: bool):
+        super().__init__()
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        if compile:  # a deep copy drops the student's compiled call
+            self.model.compile()
+
+    def update(self, model: nn.Module) -> None:
+        """Called after each optimiser step with the student."""
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
+        self.model.eval()
+        return self.model(images, texts)
+
+
+class EMATeacher(Teacher):
     """Exponential moving average of ``model``'s weights; buffers are copied (open_clip's causal attention mask
     holds -inf, and -inf - -inf is NaN).
 
@@ -25,13 +46,10 @@ class EMATeacher(nn.Module):
     """
 
     def __init__(self, model: nn.Module, decay: float, bias_correction: bool, compile: bool):
-        super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"teacher.decay must be in (0, 1), got {decay}")
+        super().__init__(model, compile)
         self.decay, self.bias_correction = decay, bias_correction
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        if compile:
-            self.model.compile()
         # updates so far: on the device, so the first update's full copy needs no host sync
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
 
@@ -48,7 +66,26 @@ class EMATeacher(nn.Module):
             average.copy_(current)
         self.updates += 1
 
-    @torch.no_grad()
-    def forward(self, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
-        self.model.eval()
-        return self.model(images, texts)
+
+class FrozenTeacher(Teacher):
+    """An earlier run's trained model, never updated: the teacher of a second training on the same data
+    (``teacher=frozen``), which then distils from its first step targets that already know the data, where an EMA
+    teacher started from random weights has nothing to give until it has learnt.
+
+    Args:
+        model: the student, whose architecture the checkpoint's weights must have.
+        checkpoint: a ``train.py`` checkpoint (e.g. the audited run's ``last.ckpt``).
+        weights: ``ema`` (its EMA teacher) or ``student``.
+        compile: compile the copy's forward.
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: str, weights: str, compile: bool):
+        super().__init__(model, compile)  # in place: the parameter names the state dict is loaded under are unchanged
+        name, state = read_checkpoint(checkpoint, weights)
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exn:  # torch's message lists every key: say what differs instead
+            raise ValueError(
+                f"teacher.checkpoint={checkpoint} holds a {name} model, which does not fit the student's "
+                "architecture: train with the model.name it was trained with"
+            ) from exn

@@ -22,7 +22,12 @@ GROUPS = ["model", "evaluation", "data", "loss", "loss/subset", "teacher", "opti
 GROUPS += ["paths", "hydra"]
 GROUPS += ["experiment", "hparams_search", "debug"]
 PAPER_DATASETS = ("cc3m", "cc12m", "yfcc15m")
-USER_GIVEN = {"data.train_shards": "shards/", "model.name": "ViT-B-32", "loss.subset.keys": "memory.csv"}
+USER_GIVEN = {
+    "data.train_shards": "shards/",
+    "model.name": "ViT-B-32",
+    "loss.subset.keys": "memory.csv",
+    "teacher.checkpoint": "last.ckpt",
+}
 
 
 def options(group: str) -> list[str]:
@@ -55,7 +60,7 @@ def test_every_option_of_every_group_composes(group, option, tmp_path, monkeypat
     cfg = compose_config([f"{group}={option}"])
     tree = OmegaConf.to_container(cfg, resolve=False)
     # the only values a user must give: the shards of data=shards, the name of model=open_clip, the list of
-    # loss/subset=listed (hydra's own are set at run time)
+    # loss/subset=listed, the checkpoint of teacher=frozen (hydra's own are set at run time)
     given = {key: USER_GIVEN[key] for key in missing(tree) if not key.startswith("hydra.")}
     assert set(given) <= set(USER_GIVEN)
     monkeypatch.chdir(tmp_path)

@@ -98,6 +98,39 @@ def test_the_ema_teacher_runs_only_at_the_steps_whose_loss_reads_it():
     assert PSDCLIPModule(clip, *from_settings(alpha_max=0.0), **optim()).teacher is None  # CLIP never pays for one
 
 
+def test_a_frozen_teacher_is_the_earlier_run_s_model_and_never_moves(tmp_path):
+    """teacher=frozen: the second training distils from the first run's EMA teacher (or student), as saved; its
+    forward runs at every distilling step, its weights stay those of the checkpoint while the student trains."""
+    import functools
+
+    from psdclip.teacher import FrozenTeacher
+
+    clip = create_clip("psdclip-vit-tiny")
+    first = PSDCLIPModule(clip, *from_settings(ema_decay=0.5), **optim(**{"optimizer.lr": 1e-2}))
+    fit(first, tiny_batches(clip, count=3)).save_checkpoint(tmp_path / "first.ckpt")
+    saved = torch.load(tmp_path / "first.ckpt", weights_only=False)["state_dict"]
+    loss, _ = from_settings(schedule="constant")  # D from the first step, as loss=psd_listed
+    calls = []
+    for weights, prefix in [("ema", "teacher.model."), ("student", "model.")]:
+        frozen = functools.partial(
+            FrozenTeacher, checkpoint=str(tmp_path / "first.ckpt"), weights=weights, compile=False
+        )
+        second = PSDCLIPModule(create_clip("psdclip-vit-tiny"), loss, frozen, **optim(**{"optimizer.lr": 1e-2}))
+        teacher = {name: param.detach().clone() for name, param in second.teacher.model.state_dict().items()}
+        assert teacher.keys() == {key.removeprefix(prefix) for key in saved if key.startswith(prefix)}
+        assert all(torch.equal(value, saved[prefix + name]) for name, value in teacher.items())
+        calls.clear()
+        second.teacher.register_forward_hook(lambda *_: calls.append(1))
+        start = second.model.visual.conv1.weight.detach().clone()
+        fit(second, tiny_batches(clip, count=3))
+        assert len(calls) == 3 and not torch.equal(second.model.visual.conv1.weight, start)
+        assert all(torch.equal(value, second.teacher.model.state_dict()[name]) for name, value in teacher.items())
+    with pytest.raises(ValueError, match="holds a psdclip-vit-tiny model, which does not fit the student"):
+        FrozenTeacher(torch.nn.Linear(3, 2), checkpoint=str(tmp_path / "first.ckpt"), weights="ema", compile=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        FrozenTeacher(clip.model, checkpoint=str(tmp_path / "none.ckpt"), weights="ema", compile=False)
+
+
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_the_ema_average_matches_torch_s_averaged_model(bias_correction):
     """The teacher's update is torch's EMA (AveragedModel with get_ema_multi_avg_fn: a copy first, then lerps); with
