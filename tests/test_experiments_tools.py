@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from psdclip.callbacks.progress import LogProgress, progress_bar
+from psdclip.models import read_checkpoint
 from psdclip.run.loggers import git_state
 from psdclip.subsets import DoubtSubset, OutscoredSubset
 from psdclip.tools.audit import batch_query, quality
@@ -476,10 +477,13 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
     own = ~table["threshold_pair"]
     assert (table["flagged"] & own).sum() <= round(report["memory"]["noise_estimate"] * own.sum())
     # a second training given the table distils exactly its flagged pairs (alpha high enough never to bind): D's
-    # precision and recall over an epoch, against the shards' marks, are the flagged rows'
+    # precision and recall over an epoch, against the shards' marks, are the flagged rows'; its teacher is the first
+    # run's EMA teacher, unchanged
     retrain = train_cfg(
         "loss=psd_listed",
         f"loss.subset.keys={tmp_path / 'audit' / 'memory.csv'}",
+        "teacher=frozen",
+        f"teacher.checkpoint={tmp_path / 'first_run' / 'checkpoints' / 'last.ckpt'}",
         "loss.alpha_max=0.99",
         "data.noise=0.3",
         "trainer.max_epochs=1",
@@ -493,6 +497,10 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
     flagged, corrupted = table["flagged"], table["corrupted"]
     assert epoch["train/distill_precision_epoch"].iloc[-1] == pytest.approx(corrupted[flagged].mean())
     assert epoch["train/distill_recall_epoch"].iloc[-1] == pytest.approx(flagged[corrupted].mean())
+    first, second = (
+        read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt", "ema")[1] for run in ("first_run", "run")
+    )
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_audit_says_how_to_choose_its_rule_when_given_a_bare_name(tmp_path):
