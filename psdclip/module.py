@@ -38,7 +38,8 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         clip: the model with its preprocessing and tokenizer (from ``psdclip.models.create_clip``).
         loss: the PSD (or, with alpha_max=0, plain CLIP) loss.
         teacher: builds the teacher from the student (``teacher=ema``: ``EMATeacher``; ``teacher=frozen``: an earlier
-            run's model, ``FrozenTeacher``), or None for the self teacher (the student's own detached logits). Plain CLIP (alpha_max = 0) never builds one.
+            run's model, ``FrozenTeacher``), or None for the self teacher (the student's own detached logits). Plain
+            CLIP (alpha_max = 0) never builds one.
         optimizer: makes the optimiser from parameter groups (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``,
             what ``optim.optimizer`` instantiates); gains, biases, norms, scalars and ``logit_scale`` get no decay.
         scheduler: makes the LR schedule from the optimiser and the run's total steps (``optim.scheduler``).
