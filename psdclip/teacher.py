@@ -13,6 +13,8 @@ from psdclip.models import read_checkpoint
 class Teacher(nn.Module):
     """A no-grad copy of the dual encoder, a registered submodule (its weights travel in the checkpoint)."""
 
+    name: str  # the conf/teacher option, as run summaries report it
+
     def __init__(self, model: nn.Module, compile: bool):
         super().__init__()
         self.model = copy.deepcopy(model).requires_grad_(False)
@@ -44,6 +46,8 @@ class EMATeacher(Teacher):
         bias_correction: weigh only the weights the student has had, not the initial copy (see above).
         compile: compile the copy's forward (a deep copy drops the student's compiled call).
     """
+
+    name = "ema"
 
     def __init__(self, model: nn.Module, decay: float, bias_correction: bool, compile: bool):
         if not 0.0 < decay < 1.0:
@@ -78,6 +82,8 @@ class FrozenTeacher(Teacher):
         weights: ``ema`` (its EMA teacher) or ``student``.
         compile: compile the copy's forward.
     """
+
+    name = "frozen"
 
     def __init__(self, model: nn.Module, checkpoint: str, weights: str, compile: bool):
         super().__init__(model, compile)  # in place: the parameter names the state dict is loaded under are unchanged

@@ -501,6 +501,10 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
         read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt", "ema")[1] for run in ("first_run", "run")
     )
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    assert [json.loads((tmp_path / run / "summary.json").read_text())["teacher"] for run in ("first_run", "run")] == [
+        "ema",
+        "frozen",
+    ]
 
 
 def test_audit_says_how_to_choose_its_rule_when_given_a_bare_name(tmp_path):

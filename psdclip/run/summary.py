@@ -31,7 +31,7 @@ def write_summary(cfg: DictConfig, trainer: "L.Trainer", metrics: dict[str, floa
         "method": "psd" if cfg.loss.alpha_max > 0 else "clip",
         "alpha_max": cfg.loss.alpha_max,
         "subset": trainer.lightning_module.loss.subset.name,
-        "teacher": "ema" if trainer.lightning_module.teacher is not None else "self",
+        "teacher": getattr(trainer.lightning_module.teacher, "name", "self"),
         "noise": cfg.data.get("noise"),
         "noise_kind": cfg.data.get("noise_kind"),
         "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
