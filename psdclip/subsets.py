@@ -212,6 +212,8 @@ class MemorySubset(SubsetRule):
         quantile: of the threshold pairs' remembered gaps that sets the cut-off; null: ``margin`` always.
         threshold_pairs: the share of pairs the data plants as threshold pairs (the data module reads it from
             this rule's config; the rule only checks that a calibrated cut-off has some).
+        threshold_pairs_cap: about how many threshold pairs at most (null: the share alone); read by the data
+            module as the share is. Each costs what a wrong caption costs; the calibration needs a count, not a share.
         margin: the least remembered gap, in logits, that flags a pair: a floor under the calibrated cut-off, and the
             cut-off itself without threshold pairs.
         fallback_start: when the fallback rule starts taking pairs, a step (int) or a fraction of the training
@@ -233,11 +235,14 @@ class MemorySubset(SubsetRule):
         fallback_start: float,
         refresh_every: int,
         threshold_pairs: float,
+        threshold_pairs_cap: int | None,
         ramp: float,
     ):
         super().__init__()
         if ramp < 0:
             raise ValueError(f"memory ramp must be >= 0, got {ramp}")
+        if threshold_pairs_cap is not None and threshold_pairs_cap < 1:
+            raise ValueError(f"threshold_pairs_cap must be >= 1 or null, got {threshold_pairs_cap}")
         if quantile is not None and not threshold_pairs:
             raise ValueError(
                 "a calibrated threshold (quantile) needs threshold pairs: set threshold_pairs > 0 or quantile=null"

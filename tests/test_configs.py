@@ -80,6 +80,16 @@ def test_the_options_are_the_files():
     assert {"tiny", "step"} <= set(options("debug")) and "paper/cc12m" in options("experiment")
 
 
+@pytest.mark.parametrize("data", ["embedded", "cc12m"])
+def test_the_data_plants_the_threshold_pairs_the_memory_rule_asks_for(data):
+    memory = compose_config(["loss=psd_memory", f"data={data}"]).data
+    assert (memory.threshold_pairs, memory.threshold_pairs_cap) == (0.03, 5000)
+    uncapped = compose_config(["loss=psd_memory", f"data={data}", "loss.subset.threshold_pairs_cap=null"]).data
+    assert uncapped.threshold_pairs_cap is None
+    single_batch = compose_config(["loss=psd", f"data={data}"]).data
+    assert (single_batch.threshold_pairs, single_batch.threshold_pairs_cap) == (0.0, None)
+
+
 @pytest.mark.parametrize("name", [name for name in experiments() if name.split("_")[0] in PAPER_DATASETS])
 def test_paper_recipes_name_their_trainer_data_and_evaluation(name):
     cfg = compose_config([f"experiment={name}"])

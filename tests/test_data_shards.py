@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from psdclip.callbacks.data_quality import DataQualityMonitor
 from psdclip.data import ShardDataModule
-from psdclip.data.pipeline import Decoded, EpochLoader, distinct_batches
+from psdclip.data.pipeline import Decoded, EpochLoader, PairIds, distinct_batches
 from psdclip.data.samples import COUNTERS
 from tests.helpers.shard_sets import (
     ids_of,
@@ -201,6 +201,21 @@ def test_a_batch_defers_a_repeated_sample_to_the_next():
     batches = list(distinct_batches(iter(items), 3))
     # the second "a" waits for the next batch; the third would wait again, but the items end first
     assert [[item.key[1] for item in batch] for batch in batches] == [["a", "b", "c"], ["a", "d"]]
+
+
+def test_threshold_pairs_are_a_share_of_the_pairs_but_their_cap_at_most():
+    def planted(ids: PairIds, pairs: int) -> int:
+        return sum(ids.donor(pair, 1024) is not None for pair in range(pairs))
+
+    urls = [f"shard-{index}.tar" for index in range(4)]
+    # 40,000 pairs listed: 3% would be 1,200 threshold pairs, the cap keeps about 300 (binomial, ±4 sd)
+    assert 1_100 < planted(PairIds(urls, [10_000] * 4, 0, 0.03), 40_000) < 1_300
+    assert 230 < planted(PairIds(urls, [10_000] * 4, 0, 0.03, threshold_cap=300), 40_000) < 370
+    # a cap above the share's count changes nothing; unlisted sizes count against the epoch's samples instead
+    assert PairIds(urls, [100] * 4, 0, 0.03, threshold_cap=300).threshold_share == 0.03
+    assert PairIds(urls, [None] * 4, 0, 0.03, threshold_cap=300, pairs_hint=40_000).threshold_share == 0.0075
+    with pytest.raises(ValueError, match="threshold_pairs_cap must be >= 1"):
+        PairIds(urls, [100] * 4, 0, 0.03, threshold_cap=0)
 
 
 def test_a_tar_shorter_than_its_size_file_counts_and_names_the_absent_samples(tmp_path, caplog):

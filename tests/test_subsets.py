@@ -179,6 +179,7 @@ def memory_rule(slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5,
         fallback_start=fallback_start,
         refresh_every=settings.pop("refresh_every", 1),
         threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
+        threshold_pairs_cap=settings.pop("threshold_pairs_cap", None),
         ramp=settings.pop("ramp", 0.0),
     )
 
@@ -306,6 +307,7 @@ def test_a_remembered_pair_s_weight_rises_over_the_ramp_past_the_threshold():
         ({"quantile": 1.5}, "quantile must be in"),
         ({"quantile": 0.2, "threshold_pairs": 0.0}, "needs threshold pairs"),
         ({"refresh_every": 0}, "refresh_every must be >= 1"),
+        ({"threshold_pairs_cap": 0}, "threshold_pairs_cap must be >= 1"),
     ],
 )
 def test_memory_rule_settings_are_checked(settings, message):

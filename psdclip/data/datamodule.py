@@ -29,7 +29,8 @@ class ShardDataModule(L.LightningDataModule):
             upsample factors).
         num_workers: DataLoader workers per rank; shuffle_buffer: samples in the shuffle buffer.
         image_key: image extensions to try in order; text_key: ``txt`` or ``json:<field>``.
-        threshold_pairs: share of pairs given another pair's caption on purpose (``pipeline.PairIds``).
+        threshold_pairs: share of pairs given another pair's caption on purpose (``pipeline.PairIds``);
+            threshold_pairs_cap: about how many at most (null: no cap).
         exclude_keys: a CSV with ``shard`` and ``key`` columns (the audit's ``memory.csv`` or ``scores.csv``; where
             it has a ``flagged`` column, its flagged rows) whose pairs training leaves out; the epoch shrinks by as
             many pairs, and each is counted in ``data/skipped/excluded``.
@@ -61,6 +62,7 @@ class ShardDataModule(L.LightningDataModule):
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         threshold_pairs: float = 0.0,
+        threshold_pairs_cap: int | None = None,
         exclude_keys: str | None = None,
         seed: int = 0,
         shard_retries: int = 3,
@@ -73,7 +75,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_shards, self.train_num_samples, self.resampled = train_shards, train_num_samples, resampled
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.image_key, self.text_key, self.seed = image_key, text_key, seed
-        self.threshold_pairs = threshold_pairs
+        self.threshold_pairs, self.threshold_pairs_cap = threshold_pairs, threshold_pairs_cap
         self.excluded = read_excluded(exclude_keys) if exclude_keys else frozenset()
         self.retries = Retries(shard_retries, retry_wait_s)
         self.transform, self.tokenizer = transform, tokenizer
@@ -154,6 +156,7 @@ class ShardDataModule(L.LightningDataModule):
             image_key=self.image_key,
             text_key=self.text_key,
             threshold_pairs=self.threshold_pairs,
+            threshold_pairs_cap=self.threshold_pairs_cap,
             excluded=self.excluded,
             retries=self.retries,
         )

@@ -56,20 +56,36 @@ class PairIds:
     """Each pair's identity, the same in every epoch and on every rank: a dense index (its shard's offset plus its
     place in the shard) where every shard's size is listed, else a 63-bit hash of (shard, key).
 
-    A seeded ``threshold_share`` of the pairs are threshold pairs (``planted``): in training they are given another
-    pair's caption on purpose, so that a subset rule can calibrate its cut-off on pairs known to be wrong
-    (``psdclip.subsets.MemorySubset``). Which pairs, and which donor caption each takes, are drawn from the identity
-    and the seed, never from the stream's order: a caption that changed every epoch could never be memorised, and
-    would make the threshold pairs easier to tell than real wrong captions.
+    A seeded ``threshold_share`` of the pairs, but about ``threshold_cap`` at most, are threshold pairs
+    (``planted``): in training they are given another pair's caption on purpose, so that a subset rule can calibrate
+    its cut-off on pairs known to be wrong (``psdclip.subsets.MemorySubset``). Which pairs, and which donor caption
+    each takes, are drawn from the identity and the seed, never from the stream's order: a caption that changed every
+    epoch could never be memorised, and would make the threshold pairs easier to tell than real wrong captions. The
+    cap counts against the shards' pairs where their sizes are listed, else against ``pairs_hint`` (an epoch's
+    samples): the calibration's error shrinks with the threshold pairs' count, while each costs what a wrong caption
+    costs.
     """
 
-    def __init__(self, urls: list[str], listed_sizes: list[int | None], seed: int, threshold_share: float):
+    def __init__(
+        self,
+        urls: list[str],
+        listed_sizes: list[int | None],
+        seed: int,
+        threshold_share: float,
+        threshold_cap: int | None = None,
+        pairs_hint: int | None = None,
+    ):
         if not 0.0 <= threshold_share < 0.5:
             raise ValueError(f"data.threshold_pairs must be in [0, 0.5), got {threshold_share}")
+        if threshold_cap is not None and threshold_cap < 1:
+            raise ValueError(f"data.threshold_pairs_cap must be >= 1 or null, got {threshold_cap}")
         self.dense = all(size is not None for size in listed_sizes)
         offsets = itertools.accumulate((size or 0 for size in listed_sizes), initial=0)
         self.offsets = dict(zip(urls, offsets))
         self.pairs = sum(size or 0 for size in listed_sizes) if self.dense else None
+        pairs = self.pairs or pairs_hint
+        if threshold_cap is not None and pairs:
+            threshold_share = min(threshold_share, threshold_cap / pairs)
         self.seed, self.threshold_share = seed, threshold_share
 
     def of(self, url: str, key: str, index: int) -> int:
@@ -153,6 +169,7 @@ class ShardStream(IterableDataset):
         image_key: str = "jpg;jpeg;png;webp",
         text_key: str = "txt",
         threshold_pairs: float = 0.0,
+        threshold_pairs_cap: int | None = None,
         excluded: frozenset[tuple[str, str]] = frozenset(),
         retries: Retries = NO_RETRIES,
     ):
@@ -160,7 +177,7 @@ class ShardStream(IterableDataset):
         self.urls, self.sizes = [shard.url for shard in shards], [shard.size for shard in shards]
         # sizes a tar is checked against (those spread evenly from num_samples are guesses)
         self.listed_sizes = [shard.size if shard.listed else None for shard in shards]
-        self.pair_ids = PairIds(self.urls, self.listed_sizes, seed, threshold_pairs)
+        self.pair_ids = PairIds(self.urls, self.listed_sizes, seed, threshold_pairs, threshold_pairs_cap, num_samples)
         self.excluded = excluded  # (shard, key) pairs left out of training, e.g. an audit's flagged pairs
         upsample = upsample or [1.0] * (max(shard.source for shard in shards) + 1)
         self.weights = [shard.size * upsample[shard.source] for shard in shards]

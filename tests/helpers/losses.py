@@ -95,6 +95,7 @@ def from_settings(
             fallback_start=0,
             refresh_every=1,
             threshold_pairs=0.0,
+            threshold_pairs_cap=None,
             ramp=0.0,
         ),
     }[subset]()
