@@ -236,8 +236,10 @@ def audit(cfg: DictConfig, out_dir: str | Path) -> dict:
 def remembered_pairs(ckpt: str, datamodule, stream: PairStream, rule: MemorySubset) -> pd.DataFrame | None:
     """The checkpoint's pair memory as a table of the data's pairs: shard, key, identity (what ``loss=psd_listed``
     reads), caption, remembered gap, sightings, threshold pair, flagged (seen ``min_sightings`` times and past the
-    run's threshold, at most the estimated share of wrong pairs: ``at_most_the_estimate``), most suspect first. None
-    when the run kept no memory. Loads the memory and threshold into ``rule``, so that it can say what it learnt."""
+    run's threshold, at most the estimated share of wrong pairs: ``at_most_the_estimate``), most suspect first. A
+    threshold pair is never flagged: its remembered gap is that of the caption it was given on purpose, and training
+    never saw its own caption, which is what a retraining reads. None when the run kept no memory. Loads the memory
+    and threshold into ``rule``, so that it can say what it learnt."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     prefix = "loss.subset."
     if f"{prefix}memory.scores" not in state:
@@ -264,7 +266,7 @@ def remembered_pairs(ckpt: str, datamodule, stream: PairStream, rule: MemorySubs
                 "remembered_gap": float(scores[slot]) if seen else float("nan"),
                 "sightings": seen,
                 "threshold_pair": bool(planted[slot]),
-                "flagged": bool(seen >= min_sightings and scores[slot] > threshold),
+                "flagged": bool(not planted[slot] and seen >= min_sightings and scores[slot] > threshold),
                 **({"corrupted": bool(pair["meta"]["corrupted"])} if "corrupted" in pair["meta"] else {}),
             }
         )
@@ -278,8 +280,7 @@ def at_most_the_estimate(table: pd.DataFrame, noise_estimate: float, min_sightin
     (``noise_estimate`` of those seen ``min_sightings`` times), the most suspect kept. D's cut-off is set to catch
     most wrong captions and passes some clean pairs with them; where wrong captions are few, those clean pairs are
     most of the list (on the study's clean data 4–23% of the pairs were past it at an estimate of 1–3%), and a
-    retraining that leaves them out or distils them loses accuracy. Threshold pairs stay flagged by the threshold
-    alone."""
+    retraining that leaves them out or distils them loses accuracy."""
     if math.isnan(noise_estimate):
         return table
     own = ~table["threshold_pair"]
