@@ -74,7 +74,7 @@ class PairMemory(nn.Module):
         self.planted[slot] = planted if planted is not None else torch.zeros_like(taken)
         return average, sightings
 
-    def quantile_of_planted(self, quantile: float, min_sightings: int) -> Tensor:
+    def quantile_of_planted(self, quantile: float | Tensor, min_sightings: int) -> Tensor:
         """The ``quantile`` of the threshold pairs' averages (those seen ``min_sightings`` times), by rank; NaN when
         there are none. Sorts the table, with no host sync."""
         valid = self.seen(min_sightings, planted=True)

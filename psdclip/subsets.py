@@ -221,6 +221,8 @@ class MemorySubset(SubsetRule):
         refresh_every: steps between two calibrations of the threshold.
         ramp: the remembered gap past the threshold, in logits, over which a pair's weight rises from 0 to 1; 0: full
             weight at once.
+        estimate_tail: sets the noise estimate's cut-off among the n threshold pairs: their max(1/2, 1 −
+            estimate_tail/√n) quantile, so about estimate_tail·√n of them lie past it (see ``epoch_statistics``).
     """
 
     name = "memory"
@@ -237,8 +239,11 @@ class MemorySubset(SubsetRule):
         threshold_pairs: float,
         threshold_pairs_cap: int | None,
         ramp: float,
+        estimate_tail: float,
     ):
         super().__init__()
+        if estimate_tail <= 0:
+            raise ValueError(f"estimate_tail must be > 0, got {estimate_tail}")
         if ramp < 0:
             raise ValueError(f"memory ramp must be >= 0, got {ramp}")
         if threshold_pairs_cap is not None and threshold_pairs_cap < 1:
@@ -256,6 +261,7 @@ class MemorySubset(SubsetRule):
         self.memory, self.fallback = memory, fallback
         self.min_sightings, self.quantile, self.margin = min_sightings, quantile, margin
         self.fallback_start, self.refresh_every, self.ramp = fallback_start, refresh_every, ramp
+        self.estimate_tail = estimate_tail
         # the calibrated cut-off, refreshed every few steps (it sorts the table); in the checkpoint, so a resumed run
         # chooses the same D
         self.register_buffer("threshold", torch.tensor(float(margin)))
@@ -287,15 +293,17 @@ class MemorySubset(SubsetRule):
 
     def epoch_statistics(self) -> dict[str, Tensor]:
         """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those
-        seen at least ``min_sightings`` times). The threshold pairs stand for the wrong ones, so past their median
-        remembered gap lie about half of the wrong pairs and few clean ones: the data's share past it, divided by
-        the threshold pairs' share past it, estimates the wrong pairs' share (a mixture-proportion estimate from
-        known-wrong samples, as AUM's threshold samples allow; the clean pairs past it make it an upper estimate,
-        least so at the median, where they are fewer than at D's lower ``quantile``). ``noise_estimate_se``: its
-        standard error from the number of threshold pairs (binomial, about estimate/√n: ±0.06 at 0.4 with the
-        ~45 threshold pairs of 1,500 pairs, ±0.001 on CC12M). Without threshold pairs: the share past ``margin``,
-        uncalibrated. ``flagged_share``: the share past D's cut-off ``noise_threshold``. ``memory_collisions``: pairs
-        that landed on a slot another pair held (hashed identities only)."""
+        seen at least ``min_sightings`` times). The threshold pairs stand for the wrong ones: past a cut-off among
+        their remembered gaps lie as many of the wrong pairs as of them, and few clean ones, so the data's share past
+        it over the threshold pairs' share past it estimates the wrong pairs' share (a mixture-proportion estimate
+        from known-wrong samples, as AUM's threshold samples allow). The clean pairs past the cut-off make it an upper
+        estimate; the further into the threshold pairs' tail, the fewer clean pairs, but the fewer threshold pairs
+        too. So the cut-off is their median with a few (the study's ~45), and their 1 − ``estimate_tail``/√n
+        quantile with n of them (0.89 with 5,000): about ``estimate_tail``·√n past it. ``noise_estimate_se``: the
+        standard error from the threshold pairs' count (binomial: ±0.06 at 0.4 with 45, ±0.016 with 5,000). Without
+        threshold pairs: the share past ``margin``, uncalibrated. ``flagged_share``: the share past D's cut-off
+        ``noise_threshold``. ``memory_collisions``: pairs that landed on a slot another pair held (hashed identities
+        only)."""
         flagged = self.memory.share_above(self.threshold, self.min_sightings)
         statistics = {
             "flagged_share": flagged,
@@ -304,11 +312,12 @@ class MemorySubset(SubsetRule):
         }
         if self.quantile is None:
             return {**statistics, "noise_estimate": flagged}
-        median = self.memory.quantile_of_planted(0.5, self.min_sightings)
-        past = self.memory.share_above(median, self.min_sightings)
-        planted_past = self.memory.share_above(median, self.min_sightings, planted=True)
-        estimate = (past / planted_past).clamp(max=1.0)
         planted = self.memory.seen(self.min_sightings, planted=True).sum()
+        quantile = (1 - self.estimate_tail / planted.clamp(min=1).sqrt()).clamp(min=0.5)
+        cut = self.memory.quantile_of_planted(quantile, self.min_sightings)
+        past = self.memory.share_above(cut, self.min_sightings)
+        planted_past = self.memory.share_above(cut, self.min_sightings, planted=True)
+        estimate = (past / planted_past).clamp(max=1.0)
         standard_error = estimate * ((1 - planted_past) / (planted_past * planted)).sqrt()
         return {**statistics, "noise_estimate": estimate, "noise_estimate_se": standard_error}
 

@@ -181,6 +181,7 @@ def memory_rule(slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5,
         threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
         threshold_pairs_cap=settings.pop("threshold_pairs_cap", None),
         ramp=settings.pop("ramp", 0.0),
+        estimate_tail=settings.pop("estimate_tail", 8.0),
     )
 
 
@@ -267,6 +268,28 @@ def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise
     assert statistics["memory_collisions"] == 0
 
 
+def test_with_many_threshold_pairs_the_estimate_cuts_into_their_tail_past_the_clean_pairs_near_the_median():
+    """400 threshold pairs with gaps 0.01, 0.02, …, 4.00; the data's own 500 pairs: 200 wrong captions that stand
+    where the threshold pairs do (0.02, 0.04, …, 4.00), 280 clean pairs at 0 and 20 hard clean ones at 2.2, past the
+    threshold pairs' median (2.00) but not their 1 − 8/√400 = 0.6 quantile (2.40). Past 2.40 lie 160 of the 400
+    threshold pairs and 80 of the 500 own pairs, all wrong: (80/500) / (160/400) = 0.4, the truth. The median would
+    count the 20 hard clean pairs: (120/500) / (200/400) = 0.48."""
+    planted_gaps = [i / 100 for i in range(1, 401)]
+    own_gaps = [i / 100 for i in range(2, 401, 2)] + [0.0] * 280 + [2.2] * 20
+    gaps = own_gaps + planted_gaps
+    planted = [False] * 500 + [True] * 400
+
+    def estimate(estimate_tail: float) -> dict:
+        rule = memory_rule(quantile=0.2, min_sightings=1, slots=1024, estimate_tail=estimate_tail)
+        rule(gap_query(gaps, list(range(900)), step=0, alpha=0.9, planted=planted))
+        return rule.epoch_statistics()
+
+    statistics = estimate(8.0)
+    assert statistics["noise_estimate"].item() == pytest.approx(0.4, abs=1e-6)
+    assert statistics["noise_estimate_se"].item() == pytest.approx(0.4 * (0.6 / (0.4 * 400)) ** 0.5, rel=1e-5)
+    assert estimate(1e6)["noise_estimate"].item() == pytest.approx(0.48, abs=1e-6)  # the median: no tail to cut into
+
+
 def test_the_calibrated_threshold_never_drops_below_the_margin():
     """Early in training the teacher cannot tell the planted pairs yet: their gaps (0.2, 0.3, 0.4, 0.5) are no
     larger than the clean pairs' (0.25). Their 20th percentile (0.2) would flag every pair, so D's cut-off stays at
@@ -308,6 +331,7 @@ def test_a_remembered_pair_s_weight_rises_over_the_ramp_past_the_threshold():
         ({"quantile": 0.2, "threshold_pairs": 0.0}, "needs threshold pairs"),
         ({"refresh_every": 0}, "refresh_every must be >= 1"),
         ({"threshold_pairs_cap": 0}, "threshold_pairs_cap must be >= 1"),
+        ({"estimate_tail": 0.0}, "estimate_tail must be > 0"),
     ],
 )
 def test_memory_rule_settings_are_checked(settings, message):

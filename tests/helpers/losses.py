@@ -97,6 +97,7 @@ def from_settings(
             threshold_pairs=0.0,
             threshold_pairs_cap=None,
             ramp=0.0,
+            estimate_tail=8.0,
         ),
     }[subset]()
     loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
