@@ -292,18 +292,18 @@ class MemorySubset(SubsetRule):
         return Subset(chosen, torch.where(known, remembered_weight, fallback.weight * chosen))
 
     def epoch_statistics(self) -> dict[str, Tensor]:
-        """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those
-        seen at least ``min_sightings`` times). The threshold pairs stand for the wrong ones: past a cut-off among
-        their remembered gaps lie as many of the wrong pairs as of them, and few clean ones, so the data's share past
-        it over the threshold pairs' share past it estimates the wrong pairs' share (a mixture-proportion estimate
-        from known-wrong samples, as AUM's threshold samples allow). The clean pairs past the cut-off make it an upper
-        estimate; the further into the threshold pairs' tail, the fewer clean pairs, but the fewer threshold pairs
-        too. So the cut-off is their median with a few (the study's ~45), and their 1 − ``estimate_tail``/√n
-        quantile with n of them (0.89 with 5,000): about ``estimate_tail``·√n past it. ``noise_estimate_se``: the
-        standard error from the threshold pairs' count (binomial: ±0.06 at 0.4 with 45, ±0.016 with 5,000). Without
-        threshold pairs: the share past ``margin``, uncalibrated. ``flagged_share``: the share past D's cut-off
-        ``noise_threshold``. ``memory_collisions``: pairs that landed on a slot another pair held (hashed identities
-        only)."""
+        """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those seen
+        at least ``min_sightings`` times). The threshold pairs stand for the wrong ones: past a cut-off among their
+        remembered gaps lies the same share of the wrong pairs as of them, and few clean ones, so the data's share past
+        it over the threshold pairs' share past it estimates the wrong pairs' share (a mixture-proportion estimate from
+        known-wrong samples, as AUM's threshold samples allow). The clean pairs past the cut-off make it an upper
+        estimate; the further into the threshold pairs' tail, the fewer clean pairs, but the fewer threshold pairs too.
+        So with n of them the cut-off is their 1 − ``estimate_tail``/√n quantile, never below their median (the median
+        up to 256 of them, as in the study's ~45; 0.89 with 5,000): about ``estimate_tail``·√n past it.
+        ``noise_estimate_se``: the standard error from the threshold pairs' count (binomial: ±0.06 at 0.4 with 45,
+        ±0.016 with 5,000). Without threshold pairs: the share past ``margin``, uncalibrated. ``flagged_share``: the
+        share past D's cut-off ``noise_threshold``. ``memory_collisions``: pairs that landed on a slot another pair held
+        (hashed identities only)."""
         flagged = self.memory.share_above(self.threshold, self.min_sightings)
         statistics = {
             "flagged_share": flagged,
