@@ -47,6 +47,15 @@ def make_fashion_mnist(folder: Path, train: int = 349, test: int = 100) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_dir(tmp_path_factory):
+    """Trainings a test starts keep their temporary files in the test run's folder: one killed on purpose cannot
+    delete them (wandb, imported through timm, makes two folders in every process), and the system's would fill up."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory) -> Path:
     return make_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist"))
