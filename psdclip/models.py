@@ -58,7 +58,7 @@ def create_clip(
 
     ``pretrained`` is a local weights file or an open_clip pretrained tag; the default ``None`` means
     random initialisation, the only option without hub access. ``augmentation`` is open_clip's
-    AugmentationCfg for the training transform. ``compile`` wraps the forward in ``torch.compile`` in place
+    AugmentationCfg for the training transform; an option set to None keeps open_clip's default. ``compile`` wraps the forward in ``torch.compile`` in place
     (parameter names, hence checkpoints, are unchanged).
     """
     if name not in open_clip.list_models():
@@ -78,7 +78,7 @@ def create_clip(
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
             name,
             pretrained=None if own_state else pretrained,
-            aug_cfg=dict(augmentation or {}),
+            aug_cfg={key: value for key, value in (augmentation or {}).items() if value is not None},
             output_dict=True,
             **model_kwargs,
         )

@@ -1,7 +1,10 @@
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 
 from psdclip.models import create_clip
+from tests.conftest import compose_config
 
 
 def test_tiny_model_and_matching_tokenizer():
@@ -31,3 +34,25 @@ def test_unknown_model_name_is_refused():
 def test_missing_weights_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
         create_clip("psdclip-vit-tiny", pretrained=str(tmp_path / "nope.pt"))
+
+
+def train_transform_steps(overrides: list[str], kind: str) -> list:
+    """The training transform's steps of class ``kind`` (torchvision's or timm's) under ``overrides``."""
+    transform = instantiate(compose_config(["model=vit_tiny", *overrides]).model).train_transform
+    return [step for step in transform.transforms if type(step).__name__ == kind]
+
+
+def test_augmentation_options_reach_open_clips_training_transform():
+    (default,) = train_transform_steps([], "RandomResizedCrop")
+    assert default.scale == (0.9, 1.0)  # open_clip's own default: every option unset
+    (wider,) = train_transform_steps(["model.augmentation.scale=[0.5,1.0]"], "RandomResizedCrop")
+    assert tuple(wider.scale) == (0.5, 1.0)
+    timm = ["model.augmentation={use_timm: true, re_prob: 0.25, scale: [0.5, 1.0]}"]
+    (erasing,) = train_transform_steps(timm, "RandomErasing")
+    assert erasing.probability == 0.25
+    assert train_transform_steps([], "RandomErasing") == []
+
+
+def test_a_misspelt_augmentation_option_is_refused():
+    with pytest.raises(ConfigCompositionException, match="scal"):
+        compose_config(["model.augmentation.scal=[0.5,1.0]"])
