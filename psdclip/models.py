@@ -58,8 +58,8 @@ def create_clip(
 
     ``pretrained`` is a local weights file or an open_clip pretrained tag; the default ``None`` means
     random initialisation, the only option without hub access. ``augmentation`` is open_clip's
-    AugmentationCfg for the training transform; an option set to None keeps open_clip's default. ``compile`` wraps the forward in ``torch.compile`` in place
-    (parameter names, hence checkpoints, are unchanged).
+    AugmentationCfg for the training transform; an option set to None keeps open_clip's default. ``compile``
+    wraps the forward in ``torch.compile`` in place (parameter names, hence checkpoints, are unchanged).
     """
     if name not in open_clip.list_models():
         raise ValueError(
