@@ -61,8 +61,8 @@ def run(tmp: Path, fashion: Path, name: str, *overrides: str, crash: int | None 
                 "teacher.decay=0.9",
                 "loss.ramp_start=0",  # alpha ramps over the whole run, across the resume point
                 "loss.ramp_end=null",
+                # the whole image every time (open_clip ignores ratio without use_timm)
                 "model.augmentation.scale=[1.0,1.0]",
-                "model.augmentation.ratio=[1.0,1.0]",
                 *overrides,
             ],
         )
