@@ -64,18 +64,22 @@ def logged(run: Path, name: str) -> list[float]:
 
 
 def losses(args: argparse.Namespace) -> None:
+    from psdclip.run.checkpoint_files import load_checkpoint_file
+
     run = run_folder(args.run)
     values = logged(run, "train/loss")
-    step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    step = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["global_step"]
     print(f"{len(values)} finite losses, the last {values[-1] if values else None:.4g}; last.ckpt at step {step}")
     assert values and all(math.isfinite(value) for value in values), f"non-finite or no losses: {values}"
     assert args.step is None or step == args.step, f"last.ckpt is at step {step}, expected {args.step}"
 
 
 def teacher(args: argparse.Namespace) -> None:
+    from psdclip.run.checkpoint_files import load_checkpoint_file
+
     run = run_folder(args.run)
     alphas = logged(run, "train/alpha")
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
     averaged = [key for key in state if key.startswith("teacher.")]
     print(f"alpha {alphas}, {len(averaged)} teacher tensors in last.ckpt")
     assert alphas and min(alphas) > 0, "alpha must be > 0 from the first step: the teacher's forward runs"

@@ -31,7 +31,7 @@ SWEEP = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "evaluation" / "de
 def features(args) -> dict[str, torch.Tensor]:
     cache = Path(args.features_dir) / f"psdclip-probe-features-{Path(args.ckpt).stem if args.ckpt else 'random'}.pt"
     if cache.is_file():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     torch.manual_seed(0)
     model = load_encoders(args.ckpt, "psdclip-vit-tiny").eval()
     dataset = FashionMNISTEvalSet(args.fashion_mnist_dir, args.cache_dir)

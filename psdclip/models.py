@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from psdclip.run.checkpoint_files import check_complete
+from psdclip.run.checkpoint_files import load_checkpoint_file
 from psdclip.run.quiet import quiet_libraries
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -146,13 +146,9 @@ def read_checkpoint(path: str | Path, weights: str = "student") -> tuple[str, di
     """The model name and open_clip state dict (``student`` or ``ema`` teacher) of a ``train.py`` checkpoint."""
     if weights not in CHECKPOINT_WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {sorted(CHECKPOINT_WEIGHTS)}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    check_complete(path)  # a truncated file: its name and the newest good one beside it, not torch's zip error
-    # Lightning checkpoints hold more than tensors (loop and callback states): load only files you trust
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    name = checkpoint.get("hyper_parameters", {}).get("model_name")
+    checkpoint = load_checkpoint_file(path)
+    hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    name = hyper_parameters.get("model_name") if isinstance(hyper_parameters, dict) else None
     if name is None or "state_dict" not in checkpoint:
         raise ValueError(
             f"{path} is not a psdclip training checkpoint (no hyper_parameters.model_name / state_dict); "

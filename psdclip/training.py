@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         record_slurm_run(cfg.paths.log_dir, cfg.task_name, trainer.default_root_dir)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint is data
     except SIGTERMException as stop:  # Lightning's or StopRequested: a SystemExit that would exit 0
         stopped_by_signal(trainer, stop)
     except RuntimeError as error:

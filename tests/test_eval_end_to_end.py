@@ -77,7 +77,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def reference_zeroshot_top1(checkpoint: Path, root: Path) -> float:
     """Zero-shot top-1 written out directly with the open_clip model (CLIP_benchmark's formula)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     clip = create_clip("psdclip-vit-tiny")
     clip.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     model = clip.model.eval()

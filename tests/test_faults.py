@@ -64,7 +64,7 @@ def run_folder(log_dir: Path) -> Path:
 
 
 def step_of(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 # ---- 0. multi-process training ends ---------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_resume_on_another_number_of_ranks(fashion_mnist_dir, tmp_path):
         resume = [f"ckpt_path={checkpoint}"] if checkpoint else []
         run = train_py(fashion_mnist_dir, log_dir, *ranks, f"trainer.max_steps={steps}", *resume)
         checkpoint = run / "checkpoints" / "last.ckpt"
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=True)
         assert saved["global_step"] == steps
         assert len(saved["rng_states"]["ranks"]) == (WORLD if ranks is DDP_RANKS else 1)  # one state per rank
         finite_losses(run)

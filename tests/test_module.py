@@ -80,7 +80,7 @@ def test_ema_teacher_follows_the_student_and_is_checkpointed(tmp_path):
     assert not teacher.requires_grad
     assert not torch.equal(teacher, start[name]) and not torch.equal(teacher, student)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    state = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(state[f"teacher.model.{name}"], teacher)
     assert int(state["teacher.updates"]) == 3
 
@@ -108,7 +108,7 @@ def test_a_frozen_teacher_is_the_earlier_run_s_model_and_never_moves(tmp_path):
     clip = create_clip("psdclip-vit-tiny")
     first = PSDCLIPModule(clip, *from_settings(ema_decay=0.5), **optim(**{"optimizer.lr": 1e-2}))
     fit(first, tiny_batches(clip, count=3)).save_checkpoint(tmp_path / "first.ckpt")
-    saved = torch.load(tmp_path / "first.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "first.ckpt", weights_only=True)["state_dict"]
     loss, _ = from_settings(schedule="constant")  # D from the first step, as loss=psd_listed
     calls = []
     for weights, prefix in [("ema", "teacher.model."), ("student", "model.")]:

@@ -97,7 +97,7 @@ MEMORY = ["loss/subset=memory", "loss.subset.min_sightings=2", "loss.subset.quan
 def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir, rule):
     straight = run(tmp_path, fashion_dir, "straight", *rule)
     killed = run(tmp_path, fashion_dir, "killed", *rule, crash=CRASH_AFTER)
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == EVERY
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == EVERY
     resumed = run(tmp_path, fashion_dir, "resumed", *rule, "ckpt_path=last")
 
     expected, got = curves(straight), curves(resumed)
@@ -109,7 +109,7 @@ def test_resume_after_kill_follows_uninterrupted_run(tmp_path, fashion_dir, rule
     assert not rule or max(count for *_, count in expected.values()) > 0  # the memory's D is not empty
 
     final = {
-        name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=False)
+        name: torch.load(path / "checkpoints" / "last.ckpt", weights_only=True)
         for name, path in (("straight", straight), ("resumed", resumed))
     }
     assert final["straight"]["global_step"] == final["resumed"]["global_step"] == STEPS

@@ -1,16 +1,23 @@
-"""Checkpoint files: atomic writes (``AtomicCheckpointIO``, Lightning's ``CheckpointIO`` plugin), telling a complete
-checkpoint from a cut-off one, clearing dead writes' leftovers, and what ``ckpt_path=last`` (or a requeued SLURM job)
-resumes from."""
+"""Checkpoint files: atomic writes and safe loads (``AtomicCheckpointIO``, Lightning's ``CheckpointIO`` plugin), telling
+a complete checkpoint from a cut-off one, clearing dead writes' leftovers, and what ``ckpt_path=last`` (or a requeued
+SLURM job) resumes from.
 
+A checkpoint is data, never code: every load goes through ``load_checkpoint_file`` (or the plugin, for Lightning's
+resume), which uses torch's ``weights_only`` unpickler. psdclip's checkpoints hold only tensors and plain Python types,
+so no global needs allowing; a file that asks for anything else is refused with one line.
+"""
+
+import contextlib
 import errno
 import io
 import logging
 import os
+import pickle
 import re
 import shutil
 import socket
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,11 @@ PARTIAL = re.compile(r"^\..+\.(?P<pid>\d+)(?:@(?P<host>.+))?\.partial$")
 
 class IncompleteCheckpointError(ValueError):
     """A checkpoint file that torch cannot read back (truncated or corrupt)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that torch's ``weights_only`` unpickler refuses: a pickle that would run code, or a format
+    that holds more than tensors and plain types."""
 
 
 class DiskFullError(OSError):
@@ -74,6 +86,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             partial.unlink(missing_ok=True)
 
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load (local or fsspec) as data: ``weights_only`` whatever the caller asks, a refusal in one line."""
+        with refused_as_unsafe(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
     def write(self, checkpoint: dict[str, Any], path: Path) -> None:
         """``checkpoint`` into the file ``path``, on disk when this returns."""
         serialised = io.BytesIO()
@@ -82,6 +99,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             file.write(serialised.getbuffer())
             file.flush()
             os.fsync(file.fileno())  # before the rename makes it last.ckpt: a power cut cannot leave an empty one
+
+
+@contextlib.contextmanager
+def refused_as_unsafe(path: str | Path) -> Iterator[None]:
+    """Turn the ``weights_only`` unpickler's refusal of ``path`` (a page of advice to load it unsafely) into an
+    ``UnsafeCheckpointError`` of one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as exn:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exn))
+        reason = f"its pickle calls {found[1]}" if found else str(exn).strip().splitlines()[-1][:200]
+        raise UnsafeCheckpointError(
+            f"{path} is not a checkpoint psdclip can load safely ({reason}, which torch's weights_only loader "
+            "refuses); a psdclip checkpoint holds only tensors and plain types: load checkpoints that psdclip wrote"
+        ) from None
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """The content of the complete checkpoint file ``path``, on the CPU, loaded as data (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_complete(path)  # a truncated file: its name and the newest good one beside it, not torch's zip error
+    with refused_as_unsafe(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def is_complete(path: str | Path) -> bool:

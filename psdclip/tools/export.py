@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from psdclip.models import (
     read_checkpoint,  # importing it registers psdclip/model_configs with open_clip
 )
+from psdclip.run.cli import reported_errors
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 
@@ -48,7 +49,8 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "student") -> Path:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    folder = export(cfg.ckpt, cfg.out, cfg.weights)
+    with reported_errors():
+        folder = export(cfg.ckpt, cfg.out, cfg.weights)
     print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")
 
 
