@@ -7,8 +7,9 @@ writes ``OUT/train/`` (1,297 captioned pairs as img2dataset-style shards with ``
 caption ``corrupted`` or not, so training logs D's precision and recall) and ``OUT/eval/`` (``test/<class>/`` 500
 images, ``train/<class>/`` the training images with their true class for the linear probe, and the zero-shot
 templates). The split is fixed; ``--seed`` chooses which captions are wrong, as ``data.seed`` does for the embedded
-data. Then: ``python train.py data=shards data.train_shards=OUT/train
-+evaluation.datasets.digits={_target_:psdclip.eval.datasets.ImageFolderEvalSet,root:OUT/eval} …``.
+data. Then: ``python train.py data=shards data.train_shards=OUT/train model=vit_tiny 'evaluation/datasets=[]'
++evaluation.datasets.digits={_target_:psdclip.eval.datasets.ImageFolderEvalSet,root:OUT/eval} …`` (the study's
+full command: docs/noisy_caption_study.md).
 """
 
 import argparse

@@ -29,8 +29,10 @@ def cpus(most: int = 8) -> int:
     return max(1, min(int(most), available))
 
 
-# registered on import, before Hydra resolves the run folder (train.py, evaluate.py and the tools import psdclip)
+# registered on import, before Hydra resolves the run folder (train.py, evaluate.py and the tools import psdclip);
+# run_id's value is cached in the config, which Hydra hands to every job of a sweep: a job that submitit runs in a
+# process of its own finds the sweep's folder, not one named after its own process id
 if not OmegaConf.has_resolver("run_id"):
-    OmegaConf.register_new_resolver("run_id", run_id)
+    OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 if not OmegaConf.has_resolver("cpus"):
     OmegaConf.register_new_resolver("cpus", cpus)

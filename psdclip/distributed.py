@@ -4,6 +4,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# torch 2.14 renamed the tensor collectives (the old names warn); the GPU machines' torch 2.11 has only the old ones
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -21,7 +25,7 @@ class _GatherWithGrad(torch.autograd.Function):
         rank, world = rank_and_world()
         ctx.rank, ctx.rows = rank, len(tensor)
         gathered = tensor.new_empty((world * len(tensor), *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        all_gather_single(gathered, tensor.contiguous())
         return gathered
 
     @staticmethod
@@ -29,7 +33,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == dist.Backend.NCCL:  # one reduce-scatter moves 1/W of an all-reduce's data
             own = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(own, grad)
+            reduce_scatter_single(own, grad)
             return own
         grad = grad.clone()  # gloo has no reduce-scatter
         dist.all_reduce(grad)
@@ -44,7 +48,7 @@ def gather(tensor: Tensor, grad: bool) -> Tensor:
     if grad:
         return _GatherWithGrad.apply(tensor)
     gathered = tensor.new_empty((rank_and_world()[1] * len(tensor), *tensor.shape[1:]))
-    dist.all_gather_into_tensor(gathered, tensor.contiguous())
+    all_gather_single(gathered, tensor.contiguous())
     return gathered
 
 

@@ -20,7 +20,8 @@ from psdclip.schedule import make_schedule
 from psdclip.subsets import RandomSubset, Subset, SubsetQuery, SubsetRule
 
 SCOPES = ("subset", "batch")
-# what the data's corruption marks say about D (diagnostics only, never the loss), summed per epoch by the module
+# what the data's corruption marks say about D (diagnostics only, never the loss), summed per epoch and over the ranks
+# by the module
 QUALITY_COUNTS = ("marked", "corrupted", "chosen_marked", "caught")
 
 
@@ -30,7 +31,7 @@ class PSDOutput:
 
     loss: Tensor  # mean over this rank's rows and both directions; back-propagate this
     stats: dict[str, Tensor]  # detached scalars to log per step (NaN where a figure has no rows this step)
-    quality: Tensor  # (len(QUALITY_COUNTS),) counts of marked pairs in this batch and D, for D's precision/recall
+    quality: Tensor  # (len(QUALITY_COUNTS),) this rank's marked pairs and those in D, for D's precision/recall
     logits_per_image: Tensor  # (rows, N) this rank's image rows against the global batch's captions, detached
     targets_per_image: Tensor  # (rows, N) the image→text targets the loss used
     labels: Tensor  # (rows,) each row's own pair in the global batch
@@ -195,11 +196,13 @@ class PSDLoss(nn.Module):
             "soft_target_diagonal": masked_mean(image_soft[rows, labels], text_soft[rows, labels], distilled),
             "soft_target_weight": (subset.weight * subset.chosen).sum() / subset.chosen.sum(),
         }
-        marks = gather(noise_marks, grad=False) if noise_marks is not None else None
+        rank, world = rank_and_world()
+        # this rank's own pairs against D (gather orders the ranks' equal shares): the module's metrics sum the ranks
+        own_chosen = subset.chosen.chunk(world)[rank]
         return PSDOutput(
             loss,
             stats,
-            quality_counts(subset.chosen, marks),
+            quality_counts(own_chosen, noise_marks),
             per_image.detach(),
             image_targets,
             labels,

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchmetrics import Metric
 
 from psdclip.loss import QUALITY_COUNTS, PSDLoss, PSDOutput
 from psdclip.models import MAX_LOGIT_SCALE, CLIPBundle, NormalizedEncoders
@@ -15,12 +16,32 @@ from psdclip.teacher import Teacher
 
 # the key of the training step's output that carries the loss's PSDOutput to callbacks (the media callback)
 LOSS_OUTPUT = "psd"
-# D against the data's corruption marks, over an epoch: logged names → (numerator, denominator) of QUALITY_COUNTS
+# D against the data's corruption marks, over an epoch and all ranks: logged names → (numerator, denominator) of
+# QUALITY_COUNTS
 DIAGNOSTICS = {
     "train/batch_noise_epoch": ("corrupted", "marked"),
     "train/distill_precision_epoch": ("caught", "chosen_marked"),
     "train/distill_recall_epoch": ("caught", "corrupted"),
 }
+
+
+class CountRatio(Metric):
+    """numerator / denominator of counts summed over the updates and, at ``compute``, over the ranks (NaN while the
+    denominator is 0). An update only adds on the device: no host sync."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("numerator", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("denominator", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, numerator: Tensor, denominator: Tensor) -> None:
+        self.numerator += numerator
+        self.denominator += denominator
+
+    def compute(self) -> Tensor:
+        return self.numerator / self.denominator
 
 
 class PairInfo(NamedTuple):
@@ -66,7 +87,7 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         self.tokenizer, self.eval_transform = clip.tokenizer, clip.eval_transform
         self.teacher = teacher(self.model) if teacher is not None and loss.alpha_max > 0 else None
         loss.check_teacher(self.teacher is not None)
-        self.quality: Tensor | None = None  # QUALITY_COUNTS summed over the epoch, on the device
+        self.diagnostics = nn.ModuleDict({name: CountRatio() for name in DIAGNOSTICS})
         # micro-batches need a backward pass per piece inside the step, which Lightning allows only when optimising by hand
         self.automatic_optimization = micro_batches == 1
 
@@ -88,23 +109,28 @@ class PSDCLIPModule(NormalizedEncoders, L.LightningModule):
         stats = {**result.stats, "logit_scale": self.model.logit_scale.detach().exp()}
         for name, value in stats.items():
             self.log(f"train/{name}", value.float(), prog_bar=name in ("loss", "alpha"), on_step=True)
-        self.quality = result.quality if self.quality is None else self.quality + result.quality
+        counts = dict(zip(QUALITY_COUNTS, result.quality, strict=True))
+        for name, (numerator, denominator) in DIAGNOSTICS.items():
+            self.diagnostics[name].update(counts[numerator], counts[denominator])
         # the step's own loss output travels to callbacks (the media callback draws the targets it used)
         return {"loss": result.loss, LOSS_OUTPUT: result}
 
     def on_train_epoch_end(self) -> None:
-        """D's precision and recall over the epoch where the data marks corrupted captions, and what the subset rule
-        learnt about the data (one host sync per epoch)."""
-        if self.quality is not None:
-            counts = dict(zip(QUALITY_COUNTS, self.quality.tolist(), strict=True))
-            for name, (numerator, denominator) in DIAGNOSTICS.items():
-                if counts[denominator]:
-                    self.log(name, counts[numerator] / counts[denominator])
-            self.quality = None
+        """D's precision and recall over the epoch and all ranks where the data marks corrupted captions, and what the
+        subset rule learnt about the data (host syncs once per epoch)."""
+        for name, metric in self.diagnostics.items():
+            # compute sums the ranks' counts, so every rank sees the same value; Lightning logs the cached result and
+            # resets the metric. One left unlogged has a zero denominator, hence a zero numerator: nothing carries over
+            if torch.isfinite(metric.compute()):
+                self.log(name, metric)
         for name, value in self.loss.subset.epoch_statistics().items():
             if torch.isfinite(value):
-                # the estimate of the data's noise also on the console's progress lines
-                self.log(f"train/{name}", value.float(), prog_bar=name == "noise_estimate")
+                # the same on every rank (the rule sees the gathered batch), but Lightning warns about an epoch-level
+                # tensor logged without sync_dist under DDP; a max over ranks is the value exactly, for one all-reduce
+                # of a scalar per epoch. The estimate of the data's noise also goes on the console's progress lines
+                self.log(
+                    f"train/{name}", value.float(), prog_bar=name == "noise_estimate", sync_dist=True, reduce_fx="max"
+                )
 
     def alpha(self) -> float:
         return self.loss.schedule(self.global_step, self.trainer.estimated_stepping_batches)

@@ -28,7 +28,7 @@ from psdclip.models import create_clip, read_checkpoint
 from tests.conftest import tiny_run_overrides
 from tests.helpers.checkpoints import save_tiny_checkpoint
 from tests.helpers.processes import checkout_env, run_in_session
-from tests.helpers.shard_sets import jpeg
+from tests.helpers.shard_sets import jpeg, write_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +169,7 @@ def test_start_up_errors_print_the_message_and_keep_the_stack_on_request(case, t
     (tmp_path / "empty").mkdir()
     overrides, message = {
         "empty shard folder": (
-            ["data=shards", f"data.train_shards={tmp_path / 'empty'}"],
+            ["data=shards", f"data.train_shards={tmp_path / 'empty'}", "evaluation=default"],
             f"error: shard pattern '{tmp_path / 'empty'}' names no shards",
         ),
         "unknown model (inside Hydra's instantiate)": (
@@ -235,6 +235,22 @@ def test_an_evaluation_set_with_nothing_to_evaluate_is_an_error(tiny_checkpoint,
         ValueError, match=re.escape(f"evaluation set hollow ({root}) supports no task: zero-shot needs {root}")
     ):
         EvalSuite({"hollow": WdsEvalSet(str(root))}, ["zeroshot"], batch_size=256).run(model)
+
+
+@pytest.mark.slow
+def test_a_missing_evaluation_set_stops_a_web_scale_run_at_start_up_naming_the_folder(tmp_path):
+    write_set(tmp_path / "data" / "cc12m", [6])
+    args = ["train.py", "data=cc12m", "trainer=cpu", "model=vit_tiny", "trainer.max_steps=1", "data.batch_size=4"]
+    args += [f"paths.data_root={tmp_path / 'data'}", f"paths.eval_root={tmp_path / 'eval'}"]
+    done, _ = run_cli([*args, f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    expected = (
+        f"error: evaluation dataset folder not found: {tmp_path / 'eval' / 'wds_imagenet1k'}; prepare it under "
+        "paths.eval_root as docs/evaluation_datasets.md describes, or leave the set out: evaluation/datasets=[…] "
+        "lists the sets to keep (~callbacks.evaluation evaluates nothing)"
+    )
+    assert done.returncode == 1 and errors == [expected], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not list((tmp_path / "logs").rglob("*.ckpt"))  # before any step
 
 
 def test_a_sweep_objective_the_run_did_not_measure_raises():

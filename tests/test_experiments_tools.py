@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from omegaconf import OmegaConf
 
 from psdclip.callbacks.progress import LogProgress, progress_bar
 from psdclip.models import read_checkpoint
@@ -184,27 +185,48 @@ def test_overrides_parse_to_typed_values_and_swept_keys_are_those_that_vary():
 
 
 @pytest.mark.slow
-def test_two_point_multirun_summarises_its_jobs_and_report_writes_table_and_plot(fashion_mnist_dir, tmp_path):
+def test_two_point_multirun_chooses_on_val_and_report_shows_val_and_test(fashion_mnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
     command = [sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25", f"hydra.sweep.dir={sweep}"]
     result = run_in_session([*command, *tiny_run_overrides(fashion_mnist_dir, tmp_path), *TINY], 600)
     assert result.returncode == 0, result.stdout[-3000:]
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
     assert [(s["method"], s["alpha_max"]) for s in summaries] == [("clip", 0.0), ("psd", 0.25)]
+    val, test = "eval/fashion_mnist_val/zeroshot_top1", "eval/fashion_mnist/zeroshot_top1"
+    assert all(s["optimized_metric"] == val and s["optimized"] == s["metrics"][val] for s in summaries)
+    assert all(s["zeroshot_top1"] == s["metrics"][test] for s in summaries)  # the headline is the test split's
     assert json.loads((sweep / "summary.json").read_text()) == summaries
     table = result.stdout[result.stdout.index("Multirun summary") :]
-    assert "clip" in table and "psd" in table and "zeroshot_top1" in table
+    assert "clip" in table and "psd" in table and "zeroshot_top1" in table and "optimized" in table
 
     result = run_in_session([sys.executable, "-m", "psdclip.tools.report", str(sweep)], 300)
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(sweep / "report.csv")
     assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
-    metric = "eval/fashion_mnist/zeroshot_top1"
-    assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
-    assert "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric is tabulated
+    for metric in (val, test):  # the held-out split that chose and the test split, side by side
+        assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
+    assert list(table.columns)[2] == val and "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric
+    best = max(range(2), key=lambda i: (summaries[i]["optimized"], -i))
+    verdict = (
+        f"Chosen on {val} (held-out data): job {best} (loss.alpha_max={summaries[best]['alpha_max']}) with "
+        f"{summaries[best]['optimized']:.4f}; its test zero-shot top-1 {summaries[best]['zeroshot_top1']:.4f}."
+    )
     markdown = (sweep / "report.md").read_text()
+    assert verdict in markdown and verdict in result.stdout
     assert "| job | loss.alpha_max |" in markdown and markdown.count("\n| ") == 3
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_optuna_maximises_the_val_metric(fashion_mnist_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    command += ["hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2"]
+    result = run_in_session([*command, *tiny_run_overrides(fashion_mnist_dir, tmp_path), *TINY], 600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    values = [json.loads((sweep / str(i) / "summary.json").read_text())["optimized"] for i in range(2)]
+    chosen = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert chosen.best_value == pytest.approx(max(values))
 
 
 def test_report_refuses_folders_without_jobs_and_unknown_metrics(tmp_path):
@@ -426,7 +448,7 @@ def test_audit_ranks_corrupted_pairs_above_clean_ones(train_cfg, fashion_mnist_d
     assert list(scores.columns[:4]) == ["shard", "key", "caption", "score"]
     suspects = pd.read_csv(tmp_path / "audit" / "suspects.csv")
     assert len(suspects) == 100 and suspects["corrupted"].head(20).mean() > 0.8
-    assert (tmp_path / "audit" / "suspects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '<img src="data:image/png;base64,' in (tmp_path / "audit" / "suspects.html").read_text()
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
-"""A DDP step on 2 CPU processes (gloo) equals one process on the concatenated batch: loss, gradients, weights, EMA."""
+"""A DDP step on 2 CPU processes (gloo) equals one process on the concatenated batch: loss, gradients, weights, EMA,
+and D's epoch diagnostics; a DDP run logs nothing Lightning asks to sync."""
 
 import os
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
+from tests.conftest import tiny_run_overrides
 from tests.helpers.losses import EMA_OUTSCORED
 from tests.helpers.one_step import global_batch as batch_of
 from tests.helpers.one_step import make_module, one_step
-from tests.helpers.processes import free_port, join_ranks_as
+from tests.helpers.processes import checkout_env, free_port, join_ranks_as, run_in_session
 
 WORLD, PER_RANK = 2, 8
 RANDOM = {"subset": "random", "scope": "subset"}  # the random rule (loss=psd_random)
@@ -110,3 +113,48 @@ def test_ddp_step_equals_single_process(ddp_results, index):
         for group in ("weights", "teacher"):  # the EMA teacher agrees on every rank
             for name, value in reference[group].items():
                 torch.testing.assert_close(result[group][name], value, rtol=1e-4, atol=1e-5)
+        # D's epoch diagnostics sum both ranks' counts: the global batch's, not a rank's own
+        assert result["epoch"].keys() == reference["epoch"].keys()
+        for name, value in reference["epoch"].items():
+            assert torch.equal(result["epoch"][name], value), name
+    marks, chosen = global_batch()[2], reference["distill"]
+    marked, corrupted = marks >= 0, marks == 1
+    by_hand = {  # (numerator, denominator); a ratio whose denominator is 0 is not logged
+        "train/batch_noise_epoch": (corrupted.sum(), marked.sum()),
+        "train/distill_precision_epoch": ((chosen & corrupted).sum(), (chosen & marked).sum()),
+        "train/distill_recall_epoch": ((chosen & corrupted).sum(), corrupted.sum()),
+    }
+    assert reference["epoch"] == {name: n / d for name, (n, d) in by_hand.items() if d > 0}
+
+
+@pytest.mark.slow
+def test_a_ddp_run_logs_every_epoch_figure_synced(fashion_mnist_dir, tmp_path):
+    """Two 2-rank epochs with noisy captions, the pair memory and the default callbacks: D's diagnostics, the memory's
+    statistics and the data stream's counts are logged, Lightning never asks for ``sync_dist``, and the progress lines
+    (which read those values on rank 0, after every rank has reduced them) do not hang an epoch's end."""
+    command = [
+        sys.executable,
+        "train.py",
+        *tiny_run_overrides(fashion_mnist_dir, tmp_path),
+        "trainer=ddp_cpu",
+        "loss=psd_memory",
+        "loss.subset.min_sightings=1",  # a noise estimate after the first epoch
+        "data.shard_size=100",
+        "trainer.max_steps=-1",  # whole epochs
+        "trainer.max_epochs=2",
+        "callbacks.progress.style=log",
+        "trainer.strategy.timeout.seconds=120",  # a rank waiting alone fails the run within the test's time
+    ]
+    run = run_in_session(command, timeout=600, env=checkout_env(OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-3000:]
+    (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    logs = run.stdout + "".join(log.read_text() for log in folder.glob("*.log"))
+    assert "sync_dist" not in logs, [line for line in logs.splitlines() if "sync_dist" in line]
+    ends = [line for line in run.stdout.splitlines() if "(epoch end)" in line]
+    # each epoch's line, the second showing the noise estimate the first epoch ended with
+    assert [("Epoch 1/2" in line, "Epoch 2/2" in line, "noise_estimate" in line) for line in ends] == [
+        (True, False, False),
+        (False, True, True),
+    ], run.stdout[-3000:]
+    logged = (folder / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/batch_noise_epoch", "train/noise_threshold", "data/refilled"} <= set(logged)

@@ -32,7 +32,16 @@ class DataQualityMonitor(L.Callback):
     def log_totals(pl_module: L.LightningModule, totals: torch.Tensor, at_epoch_end: bool = False) -> None:
         for name, value in zip(COUNTERS, totals.tolist()):
             metric = "data/refilled" if name == "refilled" else f"data/skipped/{name}"
-            pl_module.log(metric, float(value), on_step=not at_epoch_end, on_epoch=at_epoch_end, reduce_fx="max")
+            # totals are the same on every rank, but Lightning warns about an epoch-level value logged without
+            # sync_dist under DDP: a max over ranks is the value exactly, for one scalar all-reduce per epoch
+            pl_module.log(
+                metric,
+                float(value),
+                on_step=not at_epoch_end,
+                on_epoch=at_epoch_end,
+                reduce_fx="max",
+                sync_dist=at_epoch_end,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0 and (totals := self.totals(trainer)) is not None:

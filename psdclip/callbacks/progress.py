@@ -28,6 +28,13 @@ def epoch_label(trainer) -> str:
     return f"{label}/{trainer.max_epochs}" if trainer.max_epochs is not None and trainer.max_epochs > 0 else label
 
 
+def sync_epoch_metrics(trainer) -> None:
+    """Compute the epoch's metrics on every rank. A value logged at epoch level with ``sync_dist`` (or a torchmetrics
+    metric) is reduced over the ranks when first read; a bar that read it on rank 0 alone would wait there forever for
+    the others (Lightning disables the bar on every other rank)."""
+    trainer.progress_bar_metrics  # noqa: B018 - reading is what computes them
+
+
 def report_line(trainer, metrics: dict, where: str = "") -> str:
     """One progress line: epoch, step of the total, ``where`` and every metric."""
     figures = "  ".join(
@@ -62,6 +69,10 @@ class RichProgress(RichProgressBar):
         if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:
             file_log.info(report_line(trainer, self.get_metrics(trainer, pl_module)))
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        sync_epoch_metrics(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
 
 class LogProgress(ProgressBar):
     """A plain progress report: one INFO line every ``every_n_steps`` optimiser steps and at each epoch's end."""
@@ -87,6 +98,7 @@ class LogProgress(ProgressBar):
             self._report(trainer, pl_module, "")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        sync_epoch_metrics(trainer)
         self._report(trainer, pl_module, "(epoch end)")
 
 

@@ -104,7 +104,11 @@ class WdsEvalSet(EvalSet):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"evaluation dataset folder not found: {self.root}")
+            raise FileNotFoundError(
+                f"evaluation dataset folder not found: {self.root}; prepare it under paths.eval_root as "
+                "docs/evaluation_datasets.md describes, or leave the set out: evaluation/datasets=[…] lists the sets "
+                "to keep (~callbacks.evaluation evaluates nothing)"
+            )
         self.classnames_file = resolve_file(classnames_file, self.root / "classnames.txt")
         self.templates_file = resolve_file(templates_file, self.root / "zeroshot_classification_templates.txt")
         type_file = self.root / "dataset_type.txt"
@@ -178,7 +182,11 @@ class ImageFolderEvalSet(EvalSet):
     def __init__(self, root: str, templates_file: str | None = None, classnames_file: str | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"evaluation dataset folder not found: {self.root}")
+            raise FileNotFoundError(
+                f"evaluation dataset folder not found: {self.root}; prepare it under paths.eval_root as "
+                "docs/evaluation_datasets.md describes, or leave the set out: evaluation/datasets=[…] lists the sets "
+                "to keep (~callbacks.evaluation evaluates nothing)"
+            )
         self.templates_file = resolve_file(templates_file, self.root / "zeroshot_classification_templates.txt")
         self.classnames_file = resolve_file(classnames_file, self.root / "classnames.txt") if classnames_file else None
 

@@ -6,6 +6,8 @@ from torch import Tensor
 from psdclip.eval.ranking import first_positive_rank, hit_rate
 
 QUERIES_PER_CHUNK = 1024  # bounds the (queries, candidates) score matrix
+# not torchmetrics: RetrievalRecall divides by a query's positives (an image has several captions); RetrievalHitRate,
+# CLIP_benchmark's measure, stores every score with a query index and sorts each query in a Python loop, once per k
 
 
 def retrieval_metrics(

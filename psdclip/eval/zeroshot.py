@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 from psdclip.eval.features import TEXT_BATCH, unit_rows
 from psdclip.eval.ranking import first_positive_rank, hit_rate
@@ -41,12 +42,15 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     num_classes = logits.shape[1]
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}); got {labels.min().item()}..{labels.max().item()}")
-    ranks = first_positive_rank(logits, F.one_hot(labels, num_classes).bool())
-    correct = (ranks == 0).float()
-    per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(
-        labels, minlength=num_classes
-    ).clamp(min=1)
-    metrics = {"top1": hit_rate(ranks, 1), "mean_per_class_recall": per_class[torch.unique(labels)].mean().item()}
+    per_class = multiclass_recall(logits, labels, num_classes, average="none")
+    metrics = {
+        "top1": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
+        # over the classes with samples, as CLIP_benchmark's balanced_accuracy_score: torchmetrics' macro average
+        # would also count a class that is only predicted, at recall 0
+        "mean_per_class_recall": per_class[torch.unique(labels)].mean().item(),
+    }
     if num_classes >= 5:
+        # not torchmetrics' top_k: it orders tied logits as torch.topk does, which no device promises
+        ranks = first_positive_rank(logits, F.one_hot(labels, num_classes).bool())
         metrics["top5"] = hit_rate(ranks, 5)
     return metrics

@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from psdclip.run.jobs import hydra_job
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,6 @@ def git_state(folder: str | Path = Path(__file__).parent) -> dict[str, str | boo
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {}
-
-
-def hydra_job() -> tuple[str | None, str | None]:
-    """(sweep group, run name) of the current Hydra job: the group names the multirun folder, the name the job's overrides."""
-    if not HydraConfig.initialized():
-        return None, None
-    hydra = HydraConfig.get()
-    name = hydra.job.override_dirname or None
-    if hydra.mode != RunMode.MULTIRUN:
-        return None, name
-    return f"{hydra.job.name}-{Path(hydra.sweep.dir).name}", name or f"job{hydra.job.num}"
 
 
 def wandb_server_problem(timeout: float) -> str | None:

@@ -1,5 +1,6 @@
-"""The run summary: ``summary.json`` in each run folder (method, settings, the headline zero-shot top-1, the noise
-estimate, wall time, every final metric), and the one-line table printed after a run or a multirun."""
+"""The run summary: ``summary.json`` in each run folder (method, settings, the headline zero-shot top-1 on the first
+evaluated set, the held-out metric a sweep chooses by, the noise estimate, wall time, every final metric), and the
+one-line table printed after a run or a multirun."""
 
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ if TYPE_CHECKING:  # the multirun callback imports this module at start-up, befo
     import lightning as L
 
 SUMMARY_FILE = "summary.json"
-COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "wall_time_s")
+COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "optimized", "wall_time_s")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -35,6 +36,9 @@ def write_summary(cfg: DictConfig, trainer: "L.Trainer", metrics: dict[str, floa
         "noise": cfg.data.get("noise"),
         "noise_kind": cfg.data.get("noise_kind"),
         "zeroshot_top1": zeroshot[evaluated[0]] if evaluated else next(iter(zeroshot.values()), None),
+        # what a sweep chooses by (held-out data): its name and this run's value
+        "optimized_metric": cfg.get("optimized_metric"),
+        "optimized": metrics.get(cfg.get("optimized_metric")),
         # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
         "noise_estimate": metrics.get("train/noise_estimate"),
         "noise_estimate_se": metrics.get("train/noise_estimate_se"),

@@ -2,7 +2,8 @@
 
 Each job folder holds ``.hydra/overrides.yaml`` (what the sweeper chose) and ``summary.json`` (what the
 run measured). Writes ``report.csv``, ``report.md`` and ``report.png`` (the metric against each swept value) into the
-multirun folder, or ``--out``.
+multirun folder, or ``--out``. The table holds every evaluated set, the held-out one the sweep chose on
+(``optimized_metric``) and the test sets alike; the report says which metric chose and the best job's test figure.
 """
 
 import argparse
@@ -124,6 +125,20 @@ def table(jobs: list[Job], keys: list[str], metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def choice(frame: pd.DataFrame, jobs: list[Job], keys: list[str], metric: str) -> str:
+    """Which metric chose and the job it chose (the highest), with that job's test headline (its summary's
+    ``zeroshot_top1``, the first evaluated set): what a paper would report for the sweep."""
+    best = int(frame[metric].idxmax())
+    job = jobs[best]
+    settings = ", ".join(f"{key}={job.overrides.get(key)}" for key in keys) or "no swept setting"
+    headline = job.summary.get("zeroshot_top1")
+    test = f"{headline:.4f}" if isinstance(headline, float) else "not measured"
+    return (
+        f"Chosen on {metric} (held-out data): job {job.directory.name} ({settings}) with {frame.at[best, metric]:.4f}; "
+        f"its test zero-shot top-1 {test}."
+    )
+
+
 def markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     return markdown_table(list(frame.columns), frame.itertuples(index=False), digits)
 
@@ -170,15 +185,16 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "report.csv", "markdown": out / "report.md"}
     frame.to_csv(paths["csv"], index=False)
+    verdict = choice(frame, jobs, keys, metric)
     paths["markdown"].write_text(
-        f"# {sweep_dir.name}: {len(jobs)} runs, swept {', '.join(keys) or 'nothing'}\n\n{markdown(frame)}"
+        f"# {sweep_dir.name}: {len(jobs)} runs, swept {', '.join(keys) or 'nothing'}\n\n{verdict}\n\n{markdown(frame)}"
     )
     if keys:
         paths["plot"] = out / "report.png"
         plot_sweep(frame, keys, metric, paths["plot"])
     else:
         log.warning("no override differs between the jobs: nothing to plot")
-    print(markdown(frame))
+    print(f"{markdown(frame)}\n\n{verdict}")
     return paths
 
 

@@ -1,6 +1,6 @@
 """Optimiser steps of the tiny model on given batches (``one_step``: one batch), with what they computed: the logged
-loss, D, the gradients the optimiser saw, and the weights and EMA teacher after them. The DDP and micro-batch tests
-compare such steps."""
+loss, D, the gradients the optimiser saw, the weights and EMA teacher after them, and the epoch's D diagnostics. The
+DDP and micro-batch tests compare such steps."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from psdclip.models import create_clip
-from psdclip.module import LOSS_OUTPUT, PSDCLIPModule
+from psdclip.module import DIAGNOSTICS, LOSS_OUTPUT, PSDCLIPModule
 from tests.helpers.losses import from_settings
 from tests.helpers.trainers import quiet_trainer
 
@@ -27,13 +27,14 @@ def optim(**settings) -> dict:
 
 
 def global_batch(size: int, seed: int = 1, pair_info: bool = False) -> tuple[torch.Tensor, ...]:
-    """Images and tokens; with ``pair_info`` also noise marks (unknown), pair ids and threshold-pair flags (none)."""
+    """Images and tokens; with ``pair_info`` also noise marks (unknown, clean and corrupted in turn), pair ids and
+    threshold-pair flags (none)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(size, 3, 28, 28, generator=generator)
     texts = torch.randint(1, 49407, (size, 16), generator=generator)
     if not pair_info:
         return images, texts
-    marks = torch.full((size,), -1, dtype=torch.int8)
+    marks = (torch.arange(size) % 3 - 1).to(torch.int8)
     return images, texts, marks, torch.arange(size) * 3 + 1, torch.zeros(size, dtype=torch.bool)
 
 
@@ -82,7 +83,8 @@ def one_step(module: PSDCLIPModule, batch, **trainer_kwargs) -> dict:
 
 
 def train_steps(module: PSDCLIPModule, batches: list, **trainer_kwargs) -> dict:
-    """One optimiser step per batch; the last step's loss, D and gradients, the weights and teacher after them."""
+    """One optimiser step per batch; the last step's loss, D and gradients, the weights and teacher after them, and
+    the epoch's D diagnostics (those logged)."""
     capture = Capture()
     trainer = quiet_trainer(
         max_steps=len(batches),
@@ -99,4 +101,7 @@ def train_steps(module: PSDCLIPModule, batches: list, **trainer_kwargs) -> dict:
         "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
         "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()} if teacher else {},
         "rule": {k: v.detach().clone() for k, v in module.loss.subset.state_dict().items()},  # e.g. the pair memory
+        "epoch": {
+            name: trainer.callback_metrics[name].clone() for name in DIAGNOSTICS if name in trainer.callback_metrics
+        },
     }

@@ -121,6 +121,23 @@ class Child:
         return "".join(self.lines)
 
 
+def left_in_session(session: int, grace_s: float = 10.0) -> list[str]:
+    """The processes of ``session`` (a ``child``'s id) still running ``grace_s`` seconds after its leader ended, as
+    ``<pid> <command line>``; zombies, which run nothing, are not counted."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):  # a process that ends while it is read
+                state, _parent, _group, member_of = stat.read_text().rpartition(")")[2].split()[:4]
+                if int(member_of) == session and state != "Z":
+                    command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    members.append(f"{stat.parent.name} {command}")
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def child(command: list[str], env: dict[str, str] | None = None):
     started = Child(command, env)
