@@ -2,13 +2,14 @@ PYTHON ?= python
 
 .PHONY: install train lint test test-fast clean clean-cache device-prepare device-check
 
-# The one set-up command: the package with pinned dependencies, plus Fashion-MNIST where apt can install it.
+# The one set-up command: the package (torch and torchvision pinned, the rest in ranges), plus Fashion-MNIST where apt
+# can install it.
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		[ -d /usr/share/datasets/fashion-mnist ] || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
 	else \
-		echo "Not root or no apt: see README 'Fashion-MNIST without apt' for the idx files and paths.fashion_mnist_dir"; \
+		echo "Not root or no apt: see README 'Install': the idx files and paths.fashion_mnist_dir"; \
 	fi
 
 train:
@@ -35,7 +36,7 @@ clean:
 clean-cache:
 	$(PYTHON) -m psdclip.tools.cache --clean
 
-# every GPU code path as a short run, PASS/FAIL per check (README "Device check"); device-prepare first, where PyPI
+# every GPU code path as a short run, PASS/FAIL per check (docs/reference.md, "Device check"); device-prepare first, where PyPI
 # is reachable (it fetches the wheels the GPU machine lacks)
 device-prepare:
 	bash bench/device_prepare.sh

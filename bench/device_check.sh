@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU code path of psdclip as a very short run, one PASS/FAIL line per check (README "Device check").
+# Every GPU code path of psdclip as a very short run, one PASS/FAIL line per check (docs/reference.md, "Device check").
 #
 #   bash bench/device_prepare.sh            # first, where PyPI is reachable: the wheels the GPU machine lacks
 #   bash bench/device_check.sh              # on the GPU machine: install them, run the checks, then the bench

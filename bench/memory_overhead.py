@@ -59,7 +59,9 @@ def main() -> None:
 
     outscored = OutscoredSubset(margin=2.0, ramp=0.0)
     memory = PairMemory(decay=0.5, slots=args.pairs)
-    rule = MemorySubset(memory, outscored, 3, 0.2, 1.0, 0.5, args.refresh_every, 0.03, None, 2.0, 8.0).to(args.device)
+    rule = MemorySubset(memory, outscored, 3, 0.2, 1.0, 0.5, args.refresh_every, 0.03, None, 2.0, 8.0, 0.25, 1.0).to(
+        args.device
+    )
     single = per_step_ms(outscored, args.batch, args.pairs, args.device, args.steps)
     remembering = per_step_ms(rule, args.batch, args.pairs, args.device, args.steps)
     extra = remembering - single

@@ -74,10 +74,10 @@ class PairMemory(nn.Module):
         self.planted[slot] = planted if planted is not None else torch.zeros_like(taken)
         return average, sightings
 
-    def quantile_of_planted(self, quantile: float | Tensor, min_sightings: int) -> Tensor:
-        """The ``quantile`` of the threshold pairs' averages (those seen ``min_sightings`` times), by rank; NaN when
-        there are none. Sorts the table, with no host sync."""
-        valid = self.seen(min_sightings, planted=True)
+    def quantile_of(self, quantile: float | Tensor, min_sightings: int, planted: bool = True) -> Tensor:
+        """The ``quantile`` of the threshold pairs' averages (``planted``; else of the data's own pairs), of those seen
+        ``min_sightings`` times, by rank; NaN when there are none. Sorts the table, with no host sync."""
+        valid = self.seen(min_sightings, planted)
         ordered = torch.where(valid, self.scores.float(), torch.inf).sort().values
         count = valid.sum()
         index = (quantile * (count - 1).clamp(min=0)).floor().long()

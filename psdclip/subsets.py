@@ -222,7 +222,11 @@ class MemorySubset(SubsetRule):
         ramp: the remembered gap past the threshold, in logits, over which a pair's weight rises from 0 to 1; 0: full
             weight at once.
         estimate_tail: sets the noise estimate's cut-off among the n threshold pairs: their max(1/2, 1 −
-            estimate_tail/√n) quantile, so about estimate_tail·√n of them lie past it (see ``epoch_statistics``).
+            estimate_tail/√n) quantile, so about estimate_tail·√n of them lie past it (``noise_estimate``).
+        clean_quantile: the noise estimate's low region: the data's own pairs below this quantile of their remembered
+            gaps, mostly clean, where threshold pairs whose donor caption fits their image show (``noise_estimate``).
+        estimate_overdispersion: how much wider than binomial sampling the noise estimate's range is drawn
+            (``noise_estimate``).
     """
 
     name = "memory"
@@ -240,8 +244,14 @@ class MemorySubset(SubsetRule):
         threshold_pairs_cap: int | None,
         ramp: float,
         estimate_tail: float,
+        clean_quantile: float,
+        estimate_overdispersion: float,
     ):
         super().__init__()
+        if estimate_overdispersion < 1.0:
+            raise ValueError(f"estimate_overdispersion must be >= 1, got {estimate_overdispersion}")
+        if not 0.0 < clean_quantile < 1.0:
+            raise ValueError(f"clean_quantile must be in (0, 1), got {clean_quantile}")
         if estimate_tail <= 0:
             raise ValueError(f"estimate_tail must be > 0, got {estimate_tail}")
         if ramp < 0:
@@ -261,7 +271,8 @@ class MemorySubset(SubsetRule):
         self.memory, self.fallback = memory, fallback
         self.min_sightings, self.quantile, self.margin = min_sightings, quantile, margin
         self.fallback_start, self.refresh_every, self.ramp = fallback_start, refresh_every, ramp
-        self.estimate_tail = estimate_tail
+        self.estimate_tail, self.clean_quantile = estimate_tail, clean_quantile
+        self.estimate_overdispersion = estimate_overdispersion
         # the calibrated cut-off, refreshed every few steps (it sorts the table); in the checkpoint, so a resumed run
         # chooses the same D
         self.register_buffer("threshold", torch.tensor(float(margin)))
@@ -272,7 +283,7 @@ class MemorySubset(SubsetRule):
     def refresh_threshold(self) -> None:
         """The threshold pairs' ``quantile`` of remembered gaps, at least ``margin``; ``margin`` without any."""
         if self.quantile is not None:
-            calibrated = self.memory.quantile_of_planted(self.quantile, self.min_sightings)
+            calibrated = self.memory.quantile_of(self.quantile, self.min_sightings)
             self.threshold.copy_(calibrated.nan_to_num(self.margin).clamp(min=self.margin))
 
     def forward(self, query: SubsetQuery) -> Subset:
@@ -292,18 +303,13 @@ class MemorySubset(SubsetRule):
         return Subset(chosen, torch.where(known, remembered_weight, fallback.weight * chosen))
 
     def epoch_statistics(self) -> dict[str, Tensor]:
-        """``noise_estimate``: the share of wrong captions in the data's own pairs (threshold pairs left out, those seen
-        at least ``min_sightings`` times). The threshold pairs stand for the wrong ones: past a cut-off among their
-        remembered gaps lies the same share of the wrong pairs as of them, and few clean ones, so the data's share past
-        it over the threshold pairs' share past it estimates the wrong pairs' share (a mixture-proportion estimate from
-        known-wrong samples, as AUM's threshold samples allow). The clean pairs past the cut-off make it an upper
-        estimate; the further into the threshold pairs' tail, the fewer clean pairs, but the fewer threshold pairs too.
-        So with n of them the cut-off is their 1 − ``estimate_tail``/√n quantile, never below their median (the median
-        up to 256 of them, as in the study's ~45; 0.89 with 5,000): about ``estimate_tail``·√n past it.
-        ``noise_estimate_se``: the standard error from the threshold pairs' count (binomial: ±0.06 at 0.4 with 45,
-        ±0.016 with 5,000). Without threshold pairs: the share past ``margin``, uncalibrated. ``flagged_share``: the
-        share past D's cut-off ``noise_threshold``. ``memory_collisions``: pairs that landed on a slot another pair held
-        (hashed identities only)."""
+        """``noise_estimate`` (± ``noise_estimate_se``) in ``noise_estimate_low`` … ``noise_estimate_high``: the share
+        of wrong captions among the data's own pairs seen at least ``min_sightings`` times (``noise_estimate`` below).
+        Its cut-off among the n threshold pairs: their 1 − ``estimate_tail``/√n quantile, never below their median (the
+        median up to 256 of them, as in the study's ~45; 0.89 with 5,000), past which fewer clean pairs lie, and about
+        ``estimate_tail``·√n of them. Without threshold pairs the estimate is the flagged share, uncalibrated.
+        ``flagged_share``: the share past D's cut-off ``noise_threshold``. ``memory_collisions``: pairs that landed on
+        a slot another pair held (hashed identities only)."""
         flagged = self.memory.share_above(self.threshold, self.min_sightings)
         statistics = {
             "flagged_share": flagged,
@@ -313,13 +319,61 @@ class MemorySubset(SubsetRule):
         if self.quantile is None:
             return {**statistics, "noise_estimate": flagged}
         planted = self.memory.seen(self.min_sightings, planted=True).sum()
+        own = self.memory.seen(self.min_sightings, planted=False).sum()
         quantile = (1 - self.estimate_tail / planted.clamp(min=1).sqrt()).clamp(min=0.5)
-        cut = self.memory.quantile_of_planted(quantile, self.min_sightings)
-        past = self.memory.share_above(cut, self.min_sightings)
-        planted_past = self.memory.share_above(cut, self.min_sightings, planted=True)
-        estimate = (past / planted_past).clamp(max=1.0)
-        standard_error = estimate * ((1 - planted_past) / (planted_past * planted)).sqrt()
-        return {**statistics, "noise_estimate": estimate, "noise_estimate_se": standard_error}
+        cut = self.memory.quantile_of(quantile, self.min_sightings)
+        low = self.memory.quantile_of(self.clean_quantile, self.min_sightings, planted=False)
+        estimate = noise_estimate(
+            own_past=self.memory.share_above(cut, self.min_sightings),
+            planted_past=self.memory.share_above(cut, self.min_sightings, planted=True),
+            own_low=1 - self.memory.share_above(low, self.min_sightings),
+            planted_low=1 - self.memory.share_above(low, self.min_sightings, planted=True),
+            own=own,
+            planted=planted,
+            overdispersion=self.estimate_overdispersion,
+        )
+        return {**statistics, **estimate}
+
+
+def noise_estimate(
+    own_past: Tensor,
+    planted_past: Tensor,
+    own_low: Tensor,
+    planted_low: Tensor,
+    own: Tensor,
+    planted: Tensor,
+    overdispersion: float = 1.0,
+) -> dict[str, Tensor]:
+    """The share of wrong captions in the data as a range that says what the memory knows, and the range's middle.
+
+    The data's own pairs are a mixture, F = (1 − π)·C + π·W, of clean (C) and wrong (W) pairs, and the threshold pairs
+    should be W. Past the cut-off (``*_past``: the high gaps) the ratio a = F/G estimates π, but reads high: clean pairs
+    still past it look wrong, and a share ρ of the threshold pairs got a donor caption that fits their image (a class
+    name on class-template captions, a near-duplicate caption on the web), so G = ρ·C + (1 − ρ)·W and a ≈ π/(1 − ρ).
+    At the low gaps (``*_low``: below the data's ``clean_quantile``) b = G/F measures those fitting donors, ρ/(1 − π),
+    where wrong captions are rare there, and a(1 − b)/(1 − ab) = π removes them (the mutual-contamination model of
+    label noise: Scott, Blanchard & Handy, 2013). That correction reads low where the model has memorised wrong
+    captions down to the low gaps (they look like fitting donors; most at 60% noise), and gaps alone cannot tell the
+    two apart. So the two readings bound π from above and below, each widened by ±1.96 of its relative error:
+    binomial (of the ``planted`` threshold pairs past the cut-off, and of the ``own`` pairs past it) times
+    ``overdispersion``, how much more the threshold pairs' share varies than binomial sampling says (a few dozen of them
+    hold an uneven mix of the data's kinds of pairs): ``noise_estimate_low`` … ``noise_estimate_high``.
+    ``noise_estimate`` is the range's middle, ``noise_estimate_se`` its standard error. Where a·b ≥ 1 (the low gaps hold a larger share of threshold pairs than of the data: no mixture explains
+    it) the correction is left out."""
+    ratio = own_past / planted_past
+    low_ratio = planted_low / own_low
+    mixture = 1 - ratio * low_ratio > 0
+    corrected = torch.where(mixture, ratio * (1 - low_ratio) / torch.where(mixture, 1 - ratio * low_ratio, 1.0), ratio)
+    upper, lower = ratio.clamp(0.0, 1.0), corrected.clamp(0.0, 1.0)
+    binomial = (1 - planted_past) / (planted_past * planted) + (1 - own_past) / (own_past * own).clamp(min=1e-12)
+    relative = overdispersion * binomial.sqrt()
+    estimate = (upper + lower) / 2
+    return {
+        "noise_estimate": estimate,
+        "noise_estimate_se": estimate * relative,
+        "noise_estimate_low": (lower * (1 - 1.96 * relative)).clamp(min=0.0),
+        "noise_estimate_high": (upper * (1 + 1.96 * relative)).clamp(max=1.0),
+    }
 
 
 class ListedSubset(SubsetRule):

@@ -72,13 +72,11 @@ def test_the_audit_of_a_run_lists_excludes_shows_and_copies_clean_shards(memory_
     report = audit(cfg, tmp_path / "audit")
     table = pd.read_csv(tmp_path / "audit" / "memory.csv", dtype={"key": str})
     assert len(table) == 320 and report["memory"]["pairs"] == 320 - table["threshold_pair"].sum()
-    logged = pd.read_csv(memory_run / "csv" / "metrics.csv")[["train/noise_estimate", "train/noise_estimate_se"]]
-    assert report["memory"]["noise_estimate"] == pytest.approx(
-        logged["train/noise_estimate"].dropna().iloc[-1], abs=1e-6
-    )
-    assert report["memory"]["noise_estimate_se"] == pytest.approx(
-        logged["train/noise_estimate_se"].dropna().iloc[-1], abs=1e-6
-    )
+    # what the run's last epoch logged: the estimate, its range and standard error
+    logged = pd.read_csv(memory_run / "csv" / "metrics.csv")
+    for name in ("noise_estimate", "noise_estimate_se", "noise_estimate_low", "noise_estimate_high"):
+        assert report["memory"][name] == pytest.approx(logged[f"train/{name}"].dropna().iloc[-1], abs=1e-6), name
+    assert report["memory"]["noise_estimate_low"] <= report["memory"]["noise_estimate"]
     # the keys to exclude are the flagged pairs, which data.exclude_keys reads
     flagged = table[table["flagged"]]
     excluded = pd.read_csv(tmp_path / "audit" / "exclude.csv", dtype={"key": str})

@@ -185,13 +185,18 @@ def test_overrides_parse_to_typed_values_and_swept_keys_are_those_that_vary():
 
 
 @pytest.mark.slow
-def test_two_point_multirun_chooses_on_val_and_report_shows_val_and_test(fashion_mnist_dir, tmp_path):
+def test_an_alpha_grid_sweep_chooses_on_val_and_report_shows_val_and_test(fashion_mnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", "loss.alpha_max=0,0.25", f"hydra.sweep.dir={sweep}"]
+    command = [sys.executable, "train.py", "-m", "hparams_search=alpha_grid", f"hydra.sweep.dir={sweep}"]
     result = run_in_session([*command, *tiny_run_overrides(fashion_mnist_dir, tmp_path), *TINY], 600)
     assert result.returncode == 0, result.stdout[-3000:]
-    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
-    assert [(s["method"], s["alpha_max"]) for s in summaries] == [("clip", 0.0), ("psd", 0.25)]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(4)]
+    assert [(s["method"], s["alpha_max"]) for s in summaries] == [
+        ("clip", 0),
+        ("psd", 0.25),
+        ("psd", 0.5),
+        ("psd", 0.75),
+    ]
     val, test = "eval/fashion_mnist_val/zeroshot_top1", "eval/fashion_mnist/zeroshot_top1"
     assert all(s["optimized_metric"] == val and s["optimized"] == s["metrics"][val] for s in summaries)
     assert all(s["zeroshot_top1"] == s["metrics"][test] for s in summaries)  # the headline is the test split's
@@ -202,18 +207,18 @@ def test_two_point_multirun_chooses_on_val_and_report_shows_val_and_test(fashion
     result = run_in_session([sys.executable, "-m", "psdclip.tools.report", str(sweep)], 300)
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(sweep / "report.csv")
-    assert table["loss.alpha_max"].tolist() == [0.0, 0.25]
+    assert table["loss.alpha_max"].tolist() == [0, 0.25, 0.5, 0.75]
     for metric in (val, test):  # the held-out split that chose and the test split, side by side
         assert table[metric].tolist() == pytest.approx([s["metrics"][metric] for s in summaries])
     assert list(table.columns)[2] == val and "eval/fashion_mnist/zeroshot_top5" in table  # every eval/* metric
-    best = max(range(2), key=lambda i: (summaries[i]["optimized"], -i))
+    best = max(range(4), key=lambda i: (summaries[i]["optimized"], -i))
     verdict = (
         f"Chosen on {val} (held-out data): job {best} (loss.alpha_max={summaries[best]['alpha_max']}) with "
         f"{summaries[best]['optimized']:.4f}; its test zero-shot top-1 {summaries[best]['zeroshot_top1']:.4f}."
     )
     markdown = (sweep / "report.md").read_text()
     assert verdict in markdown and verdict in result.stdout
-    assert "| job | loss.alpha_max |" in markdown and markdown.count("\n| ") == 3
+    assert "| job | loss.alpha_max |" in markdown and markdown.count("\n| ") == 5
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

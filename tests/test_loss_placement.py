@@ -33,7 +33,7 @@ def make(settings):
     """The case's loss: flat settings (``from_settings``), or the memory rule with threshold pairs."""
     if settings == "memory":
         memory = PairMemory(decay=0.5, slots=64)
-        rule = MemorySubset(memory, OutscoredSubset(2.0, 0.0), 1, 0.2, 1.0, 0.5, 1, 0.03, None, 0.0, 8.0)
+        rule = MemorySubset(memory, OutscoredSubset(2.0, 0.0), 1, 0.2, 1.0, 0.5, 1, 0.03, None, 0.0, 8.0, 0.25, 1.0)
         with torch.device("cpu"):  # the module's buffers live where the module was built
             return make_loss(rule, alpha_max=0.5)
     return from_settings(**settings)[0]

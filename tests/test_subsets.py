@@ -6,7 +6,6 @@ from psdclip.memory import PairMemory
 from psdclip.subsets import (
     RULES,
     ListedSubset,
-    MemorySubset,
     OutscoredSubset,
     SubsetQuery,
     SubsetRule,
@@ -14,7 +13,7 @@ from psdclip.subsets import (
     lowest,
     partner_gap,
 )
-from tests.helpers.losses import doubt_rule, make_loss, outscored_rule, planted_batch, random_rule
+from tests.helpers.losses import doubt_rule, make_loss, memory_rule, outscored_rule, planted_batch, random_rule
 
 
 def query_of(image, text, alpha, scale=20.0, step=0, total_steps=10, **pairs) -> SubsetQuery:
@@ -169,22 +168,6 @@ def test_outscored_ramp_weights_each_pair_s_soft_target_by_its_gap_past_the_marg
 # ---- the pair memory and its rule ------------------------------------------------------------------------------
 
 
-def memory_rule(slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5, fallback_start=0.5, **settings):
-    return MemorySubset(
-        PairMemory(decay=decay, slots=slots),
-        OutscoredSubset(margin=2.0, ramp=0.0),
-        min_sightings=min_sightings,
-        quantile=quantile,
-        margin=margin,
-        fallback_start=fallback_start,
-        refresh_every=settings.pop("refresh_every", 1),
-        threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
-        threshold_pairs_cap=settings.pop("threshold_pairs_cap", None),
-        ramp=settings.pop("ramp", 0.0),
-        estimate_tail=settings.pop("estimate_tail", 8.0),
-    )
-
-
 def gap_query(gaps, ids, step, total_steps=100, alpha=0.5, planted=None) -> SubsetQuery:
     """A batch whose pairs have the given teacher gaps: pair i's caption is beaten by another by gaps[i] logits in
     both directions (a cyclic shift carries the beating candidate)."""
@@ -253,7 +236,8 @@ def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise
     """24 pairs a batch: 12 clean (gap 0), 8 wrong (gaps 2, 2.5, 3, 3.5, twice), 4 planted, wrong in the same way
     (2, 2.5, 3, 3.5). D's cut-off is the planted pairs' 20th percentile (2, by rank), so D = the wrong and planted
     pairs above it. The planted median is 2.5: half the planted pairs are past it, and 4 of the data's own 20, so
-    the estimate of the wrong share is (4/20) / (2/4) = 0.4 = 8/20, with a standard error of 0.4·√(0.5/(0.5·4))."""
+    the estimate of the wrong share is (4/20) / (2/4) = 0.4 = 8/20, with a standard error from the two binomial shares,
+    0.4·√(0.5/(0.5·4) + 0.8/(0.2·20)). No threshold pair sits among the data's lowest gaps: nothing to correct."""
     rule = memory_rule(quantile=0.2, min_sightings=2)
     gaps = [0.0] * 12 + [2.0, 2.5, 3.0, 3.5] * 2 + [2.0, 2.5, 3.0, 3.5]
     planted = [False] * 20 + [True] * 4
@@ -264,7 +248,7 @@ def test_the_threshold_calibrates_on_the_threshold_pairs_and_estimates_the_noise
     statistics = rule.epoch_statistics()
     assert statistics["flagged_share"].item() == pytest.approx(6 / 20)
     assert statistics["noise_estimate"].item() == pytest.approx(8 / 20)
-    assert statistics["noise_estimate_se"].item() == pytest.approx(0.4 * 0.5)
+    assert statistics["noise_estimate_se"].item() == pytest.approx(0.4 * (0.5 / (0.5 * 4) + 0.8 / (0.2 * 20)) ** 0.5)
     assert statistics["memory_collisions"] == 0
 
 
@@ -286,7 +270,9 @@ def test_with_many_threshold_pairs_the_estimate_cuts_into_their_tail_past_the_cl
 
     statistics = estimate(8.0)
     assert statistics["noise_estimate"].item() == pytest.approx(0.4, abs=1e-6)
-    assert statistics["noise_estimate_se"].item() == pytest.approx(0.4 * (0.6 / (0.4 * 400)) ** 0.5, rel=1e-5)
+    # the binomial errors of the shares past the cut-off: 160 of 400 threshold pairs, 80 of 500 own pairs
+    expected = 0.4 * (0.6 / (0.4 * 400) + 0.84 / (0.16 * 500)) ** 0.5
+    assert statistics["noise_estimate_se"].item() == pytest.approx(expected, rel=1e-5)
     assert estimate(1e6)["noise_estimate"].item() == pytest.approx(0.48, abs=1e-6)  # the median: no tail to cut into
 
 

@@ -9,7 +9,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from psdclip.run.jobs import FAILURE_FILE
-from psdclip.run.summary import SUMMARY_FILE, format_table
+from psdclip.run.summary import SUMMARY_FILE, find_summary, format_table
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,8 @@ class MultirunSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob(f"*/**/{SUMMARY_FILE}"))]
+        summaries = (find_summary(job) for job in sorted(sweep_dir.iterdir()) if job.is_dir())
+        rows = [json.loads(path.read_text()) for path in summaries if path is not None]
         failed = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob(f"*/{FAILURE_FILE}"))]
         if not rows and not failed:
             log.warning("no run summaries found under %s", sweep_dir)

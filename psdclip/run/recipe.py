@@ -208,24 +208,27 @@ class Recipe:
         memory = json.loads((audit / "audit.json").read_text()).get("memory", {})
         summary = {
             "recipe": self.settings.name,
+            # the second run's figures, as a single run's summary gives them (a sweep's table and report read them)
+            "method": self.settings.name,
+            "alpha_max": runs["second"]["alpha_max"],
+            "noise": runs["second"]["noise"],
             "zeroshot_top1": runs["second"]["zeroshot_top1"],
             "optimized_metric": runs["second"].get("optimized_metric"),
             "optimized": runs["second"].get("optimized"),
             "noise_estimate": memory.get("noise_estimate"),
-            "noise_estimate_se": memory.get("noise_estimate_se"),
+            "noise_estimate_range": [memory.get("noise_estimate_low"), memory.get("noise_estimate_high")],
             "listed_pairs": memory.get("flagged"),
             "audited_pairs": memory.get("pairs"),
             "wall_time_s": round(wall_time, 1),  # this start's; a resumed recipe's earlier starts are not counted
+            "metrics": runs["second"]["metrics"],
             **runs,
             "output_dir": str(self.folder),
         }
         path = self.folder / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=1))
         rows = [{**runs[name], "method": f"{name}: {runs[name]['method']}"} for name in runs]
-        estimate = summary["noise_estimate"]
-        noise = (
-            f"{estimate:.3f} ± {summary['noise_estimate_se'] or float('nan'):.3f}" if estimate is not None else "n/a"
-        )
+        estimate, (low, high) = summary["noise_estimate"], summary["noise_estimate_range"]
+        noise = f"{estimate:.3f} (range {low:.3f}–{high:.3f})" if None not in (estimate, low, high) else "n/a"
         announce(
             f"\n{format_table(rows)}\nnoise estimate {noise}; {summary['listed_pairs']} of {summary['audited_pairs']} "
             f"pairs distilled from the first step of the second training\nsummary: {path}"

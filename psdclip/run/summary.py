@@ -18,6 +18,13 @@ SUMMARY_FILE = "summary.json"
 COLUMNS = ("method", "alpha_max", "noise", "zeroshot_top1", "optimized", "wall_time_s")
 
 
+def find_summary(job: Path) -> Path | None:
+    """A job's summary: at its folder's top (a recipe's, over its stages'), or anywhere below it (older runs wrote
+    ``checkpoints/summary.json``)."""
+    preferred = job / SUMMARY_FILE
+    return preferred if preferred.is_file() else next(iter(sorted(job.rglob(SUMMARY_FILE))), None)
+
+
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of run summaries, one row per run."""
     columns = [c for c in COLUMNS if any(c in row for row in rows)] + ["output_dir"]
@@ -42,6 +49,7 @@ def write_summary(cfg: DictConfig, trainer: "L.Trainer", metrics: dict[str, floa
         # the subset rule's estimate of the share of wrong captions in the training data (loss=psd_memory)
         "noise_estimate": metrics.get("train/noise_estimate"),
         "noise_estimate_se": metrics.get("train/noise_estimate_se"),
+        "noise_estimate_range": [metrics.get("train/noise_estimate_low"), metrics.get("train/noise_estimate_high")],
         "wall_time_s": round(wall_time, 1),
         "steps": trainer.global_step,
         "metrics": metrics,

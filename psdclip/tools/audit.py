@@ -9,7 +9,7 @@ name. Two kinds of evidence, each where it exists:
 
 - **What training remembered** (a run with ``loss=psd_memory``, whose checkpoint holds its pair memory): every pair's
   remembered gap, flagged past the run's calibrated cut-off, at most the run's noise estimate of them, and that
-  estimate with its standard error. This reads the shards' keys and captions only (no image is decoded but the
+  estimate with its range. This reads the shards' keys and captions only (no image is decoded but the
   suspects'), so it is fast on web-scale data; ``memory.csv``.
 - **A single-batch score** (``score=true``, any checkpoint): a subset rule's doubt of each pair in a batch of
   ``batch_size`` pairs (``subset``: ``outscored`` by default), and the pairs the rule would distil at alpha =
@@ -93,7 +93,8 @@ def settings(cfg: DictConfig) -> AuditSettings:
     trained = OmegaConf.load(saved)
     trained.paths.output_dir = str(run)  # the run's ${hydra:…} folder, resolvable outside its Hydra job
     subset = trained.loss.subset
-    memory = subset if subset._target_ == cfg.memory._target_ else cfg.memory
+    # the run's own memory rule, with today's settings where the run predates them
+    memory = OmegaConf.merge(cfg.memory, subset) if subset._target_ == cfg.memory._target_ else cfg.memory
     ckpt = Path(cfg.ckpt) if cfg.ckpt else run / "checkpoints" / "last.ckpt"
     return AuditSettings(ckpt, trained.data, memory, float(trained.loss.tau_teacher), int(trained.data.batch_size))
 
@@ -443,8 +444,8 @@ def headline(result: dict) -> str:
     if "memory" in result:
         memory = result["memory"]
         estimate = f"noise estimate {memory['noise_estimate']:.3f}"
-        if "noise_estimate_se" in memory:
-            estimate += f" ± {memory['noise_estimate_se']:.3f}"
+        if "noise_estimate_low" in memory:
+            estimate += f" (range {memory['noise_estimate_low']:.3f}–{memory['noise_estimate_high']:.3f})"
         parts.append(f"{estimate}; flagged {memory['flagged']} of {memory['pairs']} pairs (memory)")
     if "flagged" in result:
         parts.append(f"flagged {result['flagged']} of {result['pairs']} pairs (single-batch {result['subset']})")

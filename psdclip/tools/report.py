@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from psdclip.run.summary import SUMMARY_FILE
+from psdclip.run.summary import SUMMARY_FILE, find_summary
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -46,12 +46,6 @@ def parse_overrides(lines: list[str]) -> dict[str, object]:
     """Hydra override strings (``key=value``, ``+key=value``) as {key: typed value}; deletions are left out."""
     parsed = OverridesParser.create().parse_overrides(lines)
     return {o.key_or_group: o.value() for o in parsed if not o.is_delete()}
-
-
-def find_summary(job: Path) -> Path | None:
-    """The job's summary: at its folder's top, or anywhere below it (older runs wrote ``checkpoints/summary.json``)."""
-    preferred = job / SUMMARY_FILE
-    return preferred if preferred.is_file() else next(iter(sorted(job.rglob(SUMMARY_FILE))), None)
 
 
 def load_jobs(sweep_dir: str | Path) -> list[Job]:

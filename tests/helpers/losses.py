@@ -86,21 +86,32 @@ def from_settings(
         "doubt": DoubtSubset,
         "outscored": lambda: OutscoredSubset(margin=outscore_margin, ramp=outscore_ramp),
         # decided by the memory from the first sighting, with the fixed margin (what a one-step test can see)
-        "memory": lambda: MemorySubset(
-            PairMemory(decay=0.5, slots=64),
-            OutscoredSubset(margin=outscore_margin, ramp=outscore_ramp),
-            min_sightings=1,
-            quantile=None,
-            margin=outscore_margin,
-            fallback_start=0,
-            refresh_every=1,
-            threshold_pairs=0.0,
-            threshold_pairs_cap=None,
-            ramp=0.0,
-            estimate_tail=8.0,
+        "memory": lambda: memory_rule(
+            min_sightings=1, margin=outscore_margin, fallback_start=0, fallback=(outscore_margin, outscore_ramp)
         ),
     }[subset]()
     loss = make_loss(rule, alpha_max, schedule, ramp_start, ramp_end, **settings)
     if teacher == "self":
         return loss, None
     return loss, functools.partial(EMATeacher, decay=ema_decay, bias_correction=ema_bias_correction, compile=False)
+
+
+def memory_rule(
+    slots=64, min_sightings=3, quantile=None, margin=1.0, decay=0.5, fallback_start=0.5, fallback=(2.0, 0.0), **settings
+):
+    """The memory rule with the given settings (a binomial range: overdispersion 1); defaults a few-step test can see."""
+    return MemorySubset(
+        PairMemory(decay=decay, slots=slots),
+        OutscoredSubset(*fallback),
+        min_sightings=min_sightings,
+        quantile=quantile,
+        margin=margin,
+        fallback_start=fallback_start,
+        refresh_every=settings.pop("refresh_every", 1),
+        threshold_pairs=settings.pop("threshold_pairs", 0.03 if quantile else 0.0),
+        threshold_pairs_cap=settings.pop("threshold_pairs_cap", None),
+        ramp=settings.pop("ramp", 0.0),
+        estimate_tail=settings.pop("estimate_tail", 8.0),
+        clean_quantile=settings.pop("clean_quantile", 0.25),
+        estimate_overdispersion=settings.pop("estimate_overdispersion", 1.0),
+    )
