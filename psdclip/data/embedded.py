@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from psdclip.data.datamodule import ShardDataModule
+from psdclip.data.shift import check_corruptions, corrupt
 from psdclip.data.sources import read_lines
 from psdclip.data.writer import encode_image, write_shards
 from psdclip.run.runlog import Progress
@@ -90,7 +92,9 @@ class FashionMNISTShards:
     swapped one, the index of the image it was taken from. A fraction ``noise`` of the train captions is wrong, of
     kind ``noise_kind``: ``flip`` names a uniformly chosen other class, ``swap`` is the caption of a random training
     image of another class, ``generic`` is uninformative text ("new arrival", "IMG_0042", …). Validation and test
-    captions are always clean and the json lists several of them (positives for retrieval).
+    captions are always clean and the json lists several of them (positives for retrieval). With ``shift`` (val or
+    test only) each image is under one seeded corruption of those named (``psdclip.data.shift``), named in its json:
+    a shifted evaluation split.
     """
 
     split: str
@@ -101,6 +105,7 @@ class FashionMNISTShards:
     seed: int = 0
     shard_size: int = 5000
     size: int | None = None  # the first ``size`` images of the split (None: all)
+    shift: tuple[str, ...] | None = None  # image corruptions, for a shifted evaluation split
 
     # what a subclass writing another dataset from the same idx files changes: its cache folder and noise kinds
     cache_folder: ClassVar[str] = "fashion_mnist"
@@ -115,6 +120,10 @@ class FashionMNISTShards:
             raise ValueError(f"unknown data.noise_kind {self.noise_kind!r}; choose one of {self.noise_kinds}")
         if self.size is not None and self.size < 1:
             raise ValueError(f"data.train_size must be a positive number of images or null (all), got {self.size}")
+        if self.shift is not None:
+            if self.split == "train":
+                raise ValueError("image corruptions (shift) make a shifted evaluation split: use them on val or test")
+            check_corruptions(self.shift)
         # at construction, so a run that evaluates on it fails at start-up, not after training
         self.source_files()
 
@@ -137,6 +146,7 @@ class FashionMNISTShards:
             "generic": GENERIC_CAPTIONS,
             "classnames": CLASSNAMES,
             "version": FORMAT_VERSION,
+            **({"shift": list(self.shift)} if self.shift else {}),
         }
 
     @cached_property
@@ -144,9 +154,8 @@ class FashionMNISTShards:
         noise = self.noise if self.noisy else 0.0
         digest = hashlib.sha1(json.dumps(self.cache_settings(), sort_keys=True).encode()).hexdigest()[:10]
         kind = f"-{self.noise_kind}" if self.noisy else ""
-        return (
-            Path(self.cache_dir) / self.cache_folder / f"{self.split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
-        )
+        split = f"{self.split}-shifted" if self.shift else self.split
+        return Path(self.cache_dir) / self.cache_folder / f"{split}-noise{noise:g}{kind}-n{self.num_samples}-{digest}"
 
     def source_files(self) -> tuple[Path, Path]:
         images, labels = IDX_FILES["test" if self.split == "test" else "train"]
@@ -204,7 +213,13 @@ class FashionMNISTShards:
         staging = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         rows = np.asarray(self.rows)
-        samples = progress.track(self._samples(images[rows], labels[rows]))
+        images, labels = images[rows], labels[rows]
+        if self.shift:
+            images, corruptions = corrupt(images, self.shift, self.seed)
+            samples = with_corruptions(self._samples(images, labels), corruptions)
+        else:
+            samples = self._samples(images, labels)
+        samples = progress.track(samples)
         sizes = write_shards(samples, staging, prefix=f"{self.split}-", shard_size=self.shard_size)
         (staging / "manifest.json").write_text(
             json.dumps({**asdict(self), "directory": str(self.directory), "shards": sizes}, indent=1)
@@ -262,6 +277,12 @@ class FashionMNISTShards:
                 "cls": str(int(label)),
                 "json": json.dumps(meta),
             }
+
+
+def with_corruptions(samples: Iterator[dict], corruptions: list[str]) -> Iterator[dict]:
+    """The samples, each json naming the corruption its image is under."""
+    for sample, corruption in zip(samples, corruptions, strict=True):
+        yield {**sample, "json": json.dumps({**json.loads(sample["json"]), "corruption": corruption})}
 
 
 class EmbeddedDataModule(ShardDataModule):

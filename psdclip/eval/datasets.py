@@ -8,7 +8,7 @@ which tasks it supports.
 import logging
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -225,7 +225,9 @@ class FashionMNISTEvalSet(WdsEvalSet):
     ``split`` (``test``, or ``val``: the held-out training images, for choosing settings without touching the test
     set) serves zero-shot, the linear probe's test and retrieval (its first ``retrieval_images`` images, each with
     the several clean captions written for it as positives — Flickr30k's test size by default). The linear probe
-    trains on the first ``train_samples`` images of the train split with their true labels.
+    trains on the first ``train_samples`` images of the train split with their true labels. ``shift`` names image
+    corruptions (``psdclip.data.shift``) that the split's images are under, one each: a shifted set for effective
+    robustness; the probe still trains on clean images.
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class FashionMNISTEvalSet(WdsEvalSet):
         split: str = "test",
         train_samples: int = 5000,
         retrieval_images: int = 1000,
+        shift: Sequence[str] | None = None,
     ):
         from psdclip.data.embedded import RESOURCES as DATA_RESOURCES
         from psdclip.data.embedded import FashionMNISTShards
@@ -244,7 +247,8 @@ class FashionMNISTEvalSet(WdsEvalSet):
         probe = FashionMNISTShards("train", source_dir, cache_dir)
         if train_samples < probe.num_samples:
             probe = FashionMNISTShards("train", source_dir, cache_dir, size=train_samples)
-        self.splits = {"test": FashionMNISTShards(split, source_dir, cache_dir), "train": probe}
+        shifted = tuple(shift) if shift else None
+        self.splits = {"test": FashionMNISTShards(split, source_dir, cache_dir, shift=shifted), "train": probe}
         self.root = Path(source_dir)
         self.classnames_file = DATA_RESOURCES / "classnames.txt"
         self.templates_file = DATA_RESOURCES / "zeroshot_classification_templates.txt"
