@@ -16,7 +16,6 @@ the pair memory's ROC AUC for the wrong captions. Runs write under ``DIR/runs`` 
 """
 
 import argparse
-import csv
 import json
 import logging
 import time
@@ -27,7 +26,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from sklearn.metrics import roc_auc_score
 
 from psdclip.run.cli import check_settings
 
@@ -117,21 +115,20 @@ def run_config(run: dict, args: argparse.Namespace, folder: Path) -> DictConfig:
 
 def memory_figures(folder: Path) -> dict:
     """A ``loss=psd_memory`` run's noise estimate and range against the truth (the share of its pairs whose caption
-    names another class), and the remembered gap's ROC AUC for the wrong captions, from the audit of its memory."""
+    names another class: flip and swap captions all do), the remembered gap's ROC AUC for the wrong captions and the
+    count of threshold pairs, from the audit of its memory."""
     from psdclip.tools.audit import audit
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="audit", overrides=[f"run={folder}", f"paths.output_dir={folder / 'audit'}"])
-    report = audit(cfg, folder / "audit")["memory"]
-    table = pd.read_csv(folder / "audit" / "memory.csv")
-    own = table[~table["threshold_pair"] & (table["sightings"] > 0)]
-    figures = {name: report[name] for name in ESTIMATE}
-    figures["truth"] = float(own["corrupted"].mean())  # flip and swap captions name another class
-    if own["corrupted"].any() and not own["corrupted"].all():
-        figures["memory_auroc"] = float(roc_auc_score(own["corrupted"], own["remembered_gap"]))
-    figures["threshold_pairs"] = int(table["threshold_pair"].sum())
-    return figures
+    memory = audit(cfg, folder / "audit")["memory"]
+    return {
+        **{name: memory[name] for name in ESTIMATE},
+        "truth": memory.get("corrupted", 0) / memory["pairs"],
+        "memory_auroc": memory.get("auroc"),
+        "threshold_pairs": memory["threshold_pairs"],
+    }
 
 
 def measure(run: dict, args: argparse.Namespace) -> dict:
@@ -152,7 +149,7 @@ def append_row(path: Path, row: dict) -> None:
     """One row, written and flushed as the run ends; the header is the first row's keys plus any new ones."""
     rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
     rows.append(row)
-    pd.DataFrame(rows).to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL)
+    pd.DataFrame(rows).to_csv(path, index=False)
 
 
 def main() -> None:

@@ -40,12 +40,11 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] 
 }
 
 
-def check_corruptions(kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple, or a clear error naming the unknown ones."""
+def check_corruptions(kinds: Sequence[str]) -> None:
+    """A clear error naming the unknown corruptions of ``kinds``, or none given."""
     unknown = [kind for kind in kinds if kind not in CORRUPTIONS]
     if unknown or not kinds:
         raise ValueError(f"unknown image corruptions {unknown or '(none given)'}; choose from {list(CORRUPTIONS)}")
-    return tuple(kinds)
 
 
 def corrupt(images: np.ndarray, kinds: Sequence[str], seed: int) -> tuple[np.ndarray, list[str]]:

@@ -295,21 +295,15 @@ def at_most_the_range_top(table: pd.DataFrame, statistics: dict, min_sightings: 
 
 def memory_summary(table: pd.DataFrame, rule: MemorySubset) -> dict:
     """What the run's memory says of the data: the rule's own noise estimate and cut-off (as training logged them),
-    how many of the data's pairs the table holds, and against known corruption, the flagged pairs' precision and
-    recall."""
+    how many of the data's pairs the table holds and flags, the threshold pairs' count, and against known corruption
+    the remembered gap judged as a doubt score (``quality``: the flagged pairs' precision and recall, AUROC, AP)."""
     own = table[~table["threshold_pair"] & (table["sightings"] > 0)]
-    summary = {
+    return {
         **{name: float(value) for name, value in rule.epoch_statistics().items()},
-        "pairs": len(own),
-        "flagged": int(own["flagged"].sum()),
+        **quality(own.rename(columns={"remembered_gap": "score"})),
         "unseen_pairs": int((table["sightings"] == 0).sum()),
+        "threshold_pairs": int(table["threshold_pair"].sum()),
     }
-    if "corrupted" in own and own["corrupted"].any():
-        caught = (own["flagged"] & own["corrupted"]).sum()
-        summary.update(
-            precision=float(caught / max(own["flagged"].sum(), 1)), recall=float(caught / own["corrupted"].sum())
-        )
-    return summary
 
 
 def images_of(stream: PairStream, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], Image.Image]:
