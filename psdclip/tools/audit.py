@@ -282,7 +282,8 @@ def at_most_the_range_top(table: pd.DataFrame, statistics: dict, min_sightings: 
     captions are few, those clean pairs are most of the list (on the study's clean data 4–23% of the pairs were past it
     at an estimate of 1–3%), and a retraining that leaves them out or distils them loses accuracy. The top, not the
     middle: at a few dozen threshold pairs the middle can read 15 points low, and a cap there drops wrong captions from
-    the list; on val the two caps tied (docs/noisy_caption_study.md, "The noise estimate's bias and its coverage")."""
+    the list; on val the two caps tied (docs/noisy_caption_study.md, "The audit's cap: the range's middle or its
+    top")."""
     share = float(statistics["noise_estimate_high"])
     if math.isnan(share):
         return table
