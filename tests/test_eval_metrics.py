@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LinearRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from psdclip.eval.ranking import first_positive_rank
 from psdclip.eval.retrieval import retrieval_metrics
-from psdclip.eval.robustness import effective_robustness
+from psdclip.eval.robustness import baseline_fit, effective_robustness, logit
 from psdclip.eval.zeroshot import classification_metrics, classifier_weights
 
 
@@ -112,6 +113,19 @@ def test_effective_robustness_by_hand():
     assert result["baseline_prediction"] == pytest.approx(0.54434, abs=1e-5)
     assert result["effective_robustness"] == pytest.approx(0.6 - 0.54434, abs=1e-5)
     assert effective_robustness(0.7, {"a": 0.6}, None, None) == {"shifted_average": 0.6}
+
+
+def test_baseline_fit_matches_a_least_squares_line_in_logit_space():
+    # two models: the line through their logits, by hand
+    slope, intercept = baseline_fit([0.5, 0.7], [0.3, 0.6])
+    assert slope == pytest.approx((logit(0.6) - logit(0.3)) / logit(0.7))
+    assert intercept == pytest.approx(logit(0.3))
+    # noisy points: scikit-learn's least squares on the same logits
+    reference, shifted = [0.55, 0.62, 0.7, 0.78, 0.81], [0.31, 0.4, 0.44, 0.58, 0.57]
+    line = LinearRegression().fit([[logit(p)] for p in reference], [logit(p) for p in shifted])
+    assert baseline_fit(reference, shifted) == pytest.approx((line.coef_[0], line.intercept_))
+    with pytest.raises(ValueError, match="at least two models"):
+        baseline_fit([0.7, 0.7], [0.5, 0.6])
 
 
 def test_text_to_image_gallery_is_the_captioned_images_only():

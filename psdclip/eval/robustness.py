@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 
 def logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)
@@ -22,3 +24,14 @@ def effective_robustness(
         predicted = 1 / (1 + math.exp(-(slope * logit(reference_accuracy) + intercept)))
         result.update(baseline_prediction=predicted, effective_robustness=average - predicted)
     return result
+
+
+def baseline_fit(reference_accuracies: list[float], shifted_accuracies: list[float]) -> tuple[float, float]:
+    """The baseline's linear fit in logit space (least squares), ``logit(shifted) = slope * logit(reference) +
+    intercept``, from its models' accuracies on the reference and the shifted set: (slope, intercept)."""
+    if len(reference_accuracies) != len(shifted_accuracies) or len(set(reference_accuracies)) < 2:
+        raise ValueError(
+            "a baseline fit needs paired accuracies of at least two models with different reference accuracy"
+        )
+    slope, intercept = np.polyfit([logit(p) for p in reference_accuracies], [logit(p) for p in shifted_accuracies], 1)
+    return float(slope), float(intercept)
