@@ -55,6 +55,8 @@ def test_cpu_mode_trains_a_tiny_grid_and_a_second_call_continues_it(fashion_mnis
     assert 0 <= memory["noise_estimate_low"] <= memory["noise_estimate"] <= memory["noise_estimate_high"] <= 1
     assert 0.2 < memory["truth"] < 0.6 and 0 <= memory["memory_auroc"] <= 1 and memory["threshold_pairs"] > 0
     assert done.stdout.count("row: {") == 2
+    text = report(tmp_path / "study")["table"].read_text()  # the report reads the runner's real rows
+    assert "| zero-shot | psd_memory | flip | 0.4 | 128 |" in text and "| flip | 0.4 | 128 |" in text
     again = run_in_session(command, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "row: {" not in again.stdout and "all 2 runs have their rows" in again.stdout
