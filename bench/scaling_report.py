@@ -169,9 +169,9 @@ def report(folder: Path) -> dict[str, Path]:
         f"# The noisy-caption study against data size ({len(rows)} runs)",
         "## Each loss − CLIP, paired by seed (test split, top-1)",
         markdown(gain_table(gains)),
-        "## The detector and the noise estimate (`loss=psd_memory`)",
-        markdown(detector_table(rows)),
     ]
+    if (rows["loss"] == "psd_memory").any():
+        sections += ["## The detector and the noise estimate (`loss=psd_memory`)", markdown(detector_table(rows))]
     if fit is not None:
         table = rows.groupby(["loss", "size"])["effective_robustness"].agg(mean_std).rename("effective robustness")
         sections += [
