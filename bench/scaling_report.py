@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from psdclip.eval.robustness import baseline_fit, effective_robustness
+from psdclip.eval.robustness import baseline_fit, baseline_prediction, effective_robustness
 from psdclip.tools.report import markdown
 
 CELL = ["kind", "noise", "size"]
@@ -144,7 +144,7 @@ def plot(rows: pd.DataFrame, gains: pd.DataFrame, fit: tuple[float, float] | Non
         robustness_axis.scatter(group["zeroshot_test"], group["zeroshot_shifted"], label=loss, s=18)
     if fit is not None:
         clean = pd.Series(sorted(rows["zeroshot_test"].dropna()))
-        predicted = [effective_robustness(p, {"shifted": 0.0}, *fit)["baseline_prediction"] for p in clean]
+        predicted = [baseline_prediction(accuracy, *fit) for accuracy in clean]
         robustness_axis.plot(clean, predicted, color="grey", lw=1, label="CLIP's fit (logit space)")
     robustness_axis.set(xlabel="zero-shot top-1, clean test", ylabel="zero-shot top-1, shifted test")
     robustness_axis.set_title("Effective robustness: above the line is more robust than CLIP", fontsize=9)

@@ -10,6 +10,11 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def baseline_prediction(reference_accuracy: float, slope: float, intercept: float) -> float:
+    """The shifted-set accuracy the baseline's logit-space fit predicts at this reference accuracy."""
+    return 1 / (1 + math.exp(-(slope * logit(reference_accuracy) + intercept)))
+
+
 def effective_robustness(
     reference_accuracy: float, shifted_accuracies: dict[str, float], slope: float | None, intercept: float | None
 ) -> dict[str, float]:
@@ -21,7 +26,7 @@ def effective_robustness(
     average = sum(shifted_accuracies.values()) / len(shifted_accuracies)
     result = {"shifted_average": average}
     if slope is not None and intercept is not None:
-        predicted = 1 / (1 + math.exp(-(slope * logit(reference_accuracy) + intercept)))
+        predicted = baseline_prediction(reference_accuracy, slope, intercept)
         result.update(baseline_prediction=predicted, effective_robustness=average - predicted)
     return result
 
