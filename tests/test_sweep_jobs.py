@@ -126,7 +126,11 @@ def test_an_optuna_sweep_marks_a_trial_failing_on_rank_1_failed_and_goes_on(fash
     )
     output = run_sweep(command, wandb_env(tmp_path), timeout=400)
     assert output.count("Launching 1 jobs locally") == 2 and output.count("Multirun summary") == 1, output[-4000:]
-    assert "error: sweep job 0 failed: exit status 1" in output and (sweep / "0" / FAILURE_FILE).is_file()
+    # whichever ends the job first: rank 0 on its lost peer (exit status 1) or, under load, Lightning's watchdog, which
+    # kills the process that started the ranks once one has failed (SIGKILL)
+    reason = re.search(r"error: sweep job 0 failed: (exit status 1|killed by SIGKILL) ", output)
+    assert reason, output[-4000:]
+    assert json.loads((sweep / "0" / FAILURE_FILE).read_text())["error"] == reason[1]
     assert "Multirun summary (1 runs, 1 failed" in output
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     trial = yaml.safe_load((sweep / "1" / ".hydra" / "overrides.yaml").read_text())

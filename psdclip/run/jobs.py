@@ -11,7 +11,8 @@ hydra-submitit-launcher (``hydra/launcher=submitit_slurm`` or ``submitit_local``
 local processes) with one task per rank: each task becomes one DDP rank, told its place by submitit's job environment
 (under SLURM, Lightning's SLURM environment reads the same place), and Lightning starts no processes.
 
-A job that fails ends on every rank and is noted in its folder (``failure.json``); it returns None to the sweeper, so
+A job that fails ends on every rank and is noted in its folder (``failure.json``: ``exit status 1`` when rank 0 ends
+it, ``killed by SIGKILL`` when Lightning's watchdog saw a failed rank first); it returns None to the sweeper, so
 the sweep goes on (Optuna marks the trial failed) and the multirun summary lists it. A job stopped by a signal is not a
 failure: the sweep stops with it, or, in a SLURM job, psdclip requeues it (``psdclip.callbacks.stopping``).
 
