@@ -403,8 +403,8 @@ def test_audit_quality_against_known_corruption():
     assert "auroc" not in quality(frame.drop(columns="corrupted"))
 
 
-def test_the_audit_never_flags_more_pairs_than_the_top_of_the_runs_noise_range():
-    from psdclip.tools.audit import at_most_the_range_top
+def test_the_audit_never_flags_more_pairs_than_the_runs_noise_estimate():
+    from psdclip.tools.audit import at_most_the_estimate
 
     # most suspect first; 8 of the data's own pairs seen 6 times, one seen once, one threshold pair (never flagged)
     table = pd.DataFrame(
@@ -415,16 +415,18 @@ def test_the_audit_never_flags_more_pairs_than_the_top_of_the_runs_noise_range()
             "flagged": [True, False, True, True, True, True, False, False, False, False],
         }
     )
-    # a range topping at 0.25 of the 8 pairs seen 6 times (its middle 0.125): the two most suspect flagged pairs stay
-    capped = at_most_the_range_top(
-        table.copy(), {"noise_estimate": 0.125, "noise_estimate_high": 0.25}, min_sightings=6
-    )
+    # an estimate of 0.25 of the 8 pairs seen 6 times (the top of its range 0.5): the two most suspect flagged pairs
+    # stay, whatever the top says
+    capped = at_most_the_estimate(table.copy(), {"noise_estimate": 0.25, "noise_estimate_high": 0.5}, min_sightings=6)
     assert capped["flagged"].tolist() == [True, False, True] + [False] * 7
-    # a top above the flagged share changes nothing; so does none (no threshold pairs were seen)
-    high = {"noise_estimate": 0.125, "noise_estimate_high": 0.9}
-    assert at_most_the_range_top(table.copy(), high, min_sightings=6).equals(table)
+    # 0.375 of 8 is 3 pairs: the three most suspect of the four flagged, the threshold pair skipped
+    three = at_most_the_estimate(table.copy(), {"noise_estimate": 0.375, "noise_estimate_high": 0.5}, min_sightings=6)
+    assert three["flagged"].tolist() == [True, False, True, True] + [False] * 6
+    # an estimate above the flagged share changes nothing; so does none (no threshold pairs were seen)
+    high = {"noise_estimate": 0.9, "noise_estimate_high": 1.0}
+    assert at_most_the_estimate(table.copy(), high, min_sightings=6).equals(table)
     unknown = {"noise_estimate": float("nan"), "noise_estimate_high": float("nan")}
-    assert at_most_the_range_top(table.copy(), unknown, min_sightings=6).equals(table)
+    assert at_most_the_estimate(table.copy(), unknown, min_sightings=6).equals(table)
 
 
 @pytest.mark.slow
@@ -514,8 +516,8 @@ def test_audit_writes_the_run_s_pair_memory_and_its_noise_estimate(train_cfg, fa
     assert report["memory"]["noise_estimate"] == pytest.approx(logged.iloc[-1], abs=1e-6)
     assert report["memory"]["unseen_pairs"] == 0
     own = ~table["threshold_pair"]
-    # flagged: at most the top of the run's range of wrong captions
-    assert 0 < (table["flagged"] & own).sum() <= round(report["memory"]["noise_estimate_high"] * own.sum())
+    # flagged: at most the run's estimated share of wrong captions
+    assert 0 < (table["flagged"] & own).sum() <= round(report["memory"]["noise_estimate"] * own.sum())
     # a second training given the table distils exactly its flagged pairs (alpha high enough never to bind): D's
     # precision and recall over an epoch, against the shards' marks, are the flagged rows'; its teacher is the first
     # run's EMA teacher, unchanged

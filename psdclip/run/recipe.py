@@ -5,7 +5,7 @@ Three stages, each the command a user would otherwise chain by hand, run in orde
 - ``first/``: a training with the pair memory (``loss=psd_memory``), which remembers each pair's evidence and
   estimates the share of wrong captions;
 - ``audit/``: the audit of that memory (``psdclip.tools.audit run=first``): the list of pairs to distil, capped at the
-  top of the noise estimate's range (``memory.csv``), and the suspects page;
+  noise estimate's share of the data (``memory.csv``), and the suspects page;
 - ``second/``: a training that distils the listed pairs from its first step (``loss=psd_listed``), with the first run's
   model as its frozen teacher (``teacher=frozen``).
 
